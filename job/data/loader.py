@@ -1,0 +1,90 @@
+"""Which blocks each rank trains on at each step: a pure function of (seed, epoch, step, rank).
+
+Every epoch is a fresh permutation of all training blocks. An optimizer step takes the next
+world * micro_batch * grad_accum blocks of it; the last step of an epoch takes what is left, so over an
+epoch every block is used exactly once across ranks (no padding by repetition, nothing dropped). Since the
+position is a function of the step number alone, resuming at step k needs no replay of the loader.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .shards import TokenShard
+
+
+class BlockStore:
+    """All blocks of one split, across its memory-mapped shards, addressed by one global index."""
+
+    def __init__(self, shards: list[TokenShard]):
+        self.views = [s.blocks() for s in shards if s.n_blocks]
+        self.block_size = shards[0].block_size if shards else 0
+        self.starts = np.cumsum([0] + [len(v) for v in self.views])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """(len(indices), block_size) int64 array; sorted reads per shard keep page-cache access sequential."""
+        out = np.empty((len(indices), self.block_size), dtype=np.int64)
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for s in np.unique(shard_of):
+            rows = np.nonzero(shard_of == s)[0]
+            out[rows] = self.views[s][indices[rows] - self.starts[s]]
+        return out
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    indices: np.ndarray  # global block indices for this rank and micro-step (may be empty at an epoch's end)
+    weight: float  # multiplies the micro-batch mean loss so the step's gradient is the mean over its blocks
+
+
+@dataclass(frozen=True)
+class EpochSchedule:
+    n_blocks: int
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def blocks_per_step(self) -> int:
+        return self.world_size * self.micro_batch * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_blocks / self.blocks_per_step)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step within epoch) of global optimizer step `step` (0-based)."""
+        return divmod(step, self.steps_per_epoch)
+
+    def step_blocks(self, step: int) -> np.ndarray:
+        epoch, k = self.position(step)
+        return self.order(epoch)[k * self.blocks_per_step:(k + 1) * self.blocks_per_step]
+
+    def micro_batches(self, step: int, rank: int, order: np.ndarray | None = None) -> list[MicroBatch]:
+        """This rank's grad_accum micro-batches for `step`. Blocks of a step are dealt out micro-step by
+        micro-step, rank by rank, so a short last step leaves late micro-batches empty, not unequal ranks.
+
+        DeepSpeed averages gradients over ranks and divides each micro-batch loss by grad_accum, so a
+        micro-batch of n blocks out of the step's N gets weight n * world * accum / N: the sum over all
+        micro-batches is then exactly the mean loss over the step's blocks."""
+        if order is not None:
+            epoch, k = self.position(step)
+            blocks = order[k * self.blocks_per_step:(k + 1) * self.blocks_per_step]
+        else:
+            blocks = self.step_blocks(step)
+        total = len(blocks)
+        out = []
+        for m in range(self.grad_accum):
+            start = (m * self.world_size + rank) * self.micro_batch
+            idx = blocks[start:start + self.micro_batch]
+            out.append(MicroBatch(idx, len(idx) * self.world_size * self.grad_accum / total))
+        return out

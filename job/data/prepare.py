@@ -1,0 +1,270 @@
+"""SQLite rows -> cleaned texts -> train/validation split -> text shards -> token shards + manifest.
+
+The split is made on document indices with sklearn's train_test_split, which gives the same membership
+and order as splitting the list of texts itself (the original run's 2635 / 659 from 3294 texts), while
+the texts stay on disk: memory holds one offset per document, not the documents.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .. import model as model_lib
+from ..errors import DataError
+from ..paths import RunPaths
+from ..progress import Progress
+from ..spec import JobSpec
+from .shards import TokenShard, token_dtype, write_token_shard
+from .sqlite_source import TextSource, check_source, iter_texts
+
+log = logging.getLogger("ftjob")
+
+FORMAT_VERSION = 1  # bump when the shard layout or the packing rule changes: old manifests then rebuild
+SPLITS = ("train", "valid")
+
+
+def text_source(spec: JobSpec) -> TextSource:
+    d = spec.data
+    return TextSource(d.database, d.table, d.text_column, d.query, d.limit, d.chunk_rows)
+
+
+def input_hash(spec: JobSpec, tokenizer_hash: str) -> str:
+    """What the shards depend on. The database counts by size and modification time, not content:
+    hashing a many-GB file on every start would cost more than the check saves."""
+    d = spec.data
+    st = os.stat(d.database)
+    inputs = {"format": FORMAT_VERSION, "database": [str(Path(d.database).resolve()), st.st_size, st.st_mtime_ns],
+              "table": d.table, "text_column": d.text_column, "query": d.query, "limit": d.limit,
+              "valid_fraction": d.valid_fraction, "split_seed": d.split_seed, "shards": d.shards,
+              "block_size": d.block_size, "join": d.join, "tokenizer": tokenizer_hash}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(paths: RunPaths) -> dict | None:
+    try:
+        return json.loads(paths.manifest.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def manifest_is_current(paths: RunPaths, expected_hash: str) -> bool:
+    m = read_manifest(paths)
+    if not m or m.get("input_hash") != expected_hash:
+        return False
+    for split in SPLITS:
+        for shard in m["splits"][split]["shards"]:
+            p = paths.data / shard["tokens"]
+            if not p.exists() or p.stat().st_size != shard["tokens_bytes"]:
+                return False
+    return True
+
+
+def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: float = 30.0) -> dict:
+    """Build the data directory, or do nothing when the manifest says the inputs have not changed."""
+    check_source(text_source(spec))
+    tok_name = spec.model.tokenizer or spec.model.path
+    tok = model_lib.load_tokenizer(tok_name, "model.tokenizer" if spec.model.tokenizer else "model.path")
+    expected = input_hash(spec, model_lib.tokenizer_fingerprint(tok))
+    if not force and manifest_is_current(paths, expected):
+        log.info("prepare: inputs unchanged since %s, nothing to do (%s)", read_manifest(paths)["created"],
+                 paths.manifest)
+        return read_manifest(paths)
+
+    t0 = time.perf_counter()
+    build = paths.root / f".data-building-{os.getpid()}"
+    shutil.rmtree(build, ignore_errors=True)
+    (build / "text").mkdir(parents=True)
+    (build / "tokens").mkdir()
+    try:
+        counts, offsets, all_docs = _collect(spec, build, interval_s)
+        split_order = _split(len(offsets), spec.data.valid_fraction, spec.data.split_seed)
+        text_shards = _write_text_shards(all_docs, offsets, split_order, spec.data.shards, build)
+        all_docs.unlink()
+        t_text = time.perf_counter() - t0
+        separator = _separator_ids(tok, spec.data.join)
+        dtype = token_dtype(len(tok))
+        token_stats = _tokenise_all(text_shards, tok_name, separator, spec.data.block_size, dtype.str,
+                                    spec.data.workers, interval_s)
+        manifest = _manifest(spec, tok, tok_name, expected, counts, split_order, text_shards, token_stats,
+                             separator, dtype, t_text, time.perf_counter() - t0)
+        (build / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        _swap_in(build, paths.data)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    log.info("prepare: %d rows read, %d dropped, %d train / %d valid documents, %d / %d blocks of %d tokens "
+             "in %.1fs", counts["rows_read"], counts["rows_dropped"], manifest["splits"]["train"]["documents"],
+             manifest["splits"]["valid"]["documents"], manifest["splits"]["train"]["blocks"],
+             manifest["splits"]["valid"]["blocks"], spec.data.block_size, manifest["seconds"]["total"])
+    return manifest
+
+
+def _collect(spec: JobSpec, build: Path, interval_s: float):
+    """Stream rows once: drop unusable texts, append the rest to one file, remember where each starts."""
+    counts = {"rows_read": 0, "rows_dropped": 0, "dropped_null": 0, "dropped_blank": 0}
+    offsets: list[int] = []
+    path = build / "all.jsonl"
+    total = spec.data.limit
+    with open(path, "wb") as out, Progress(total, "reading rows", "rows", interval_s) as bar:
+        for text in iter_texts(text_source(spec)):
+            counts["rows_read"] += 1
+            if text is None or not text.strip():
+                counts["rows_dropped"] += 1
+                counts["dropped_null" if text is None else "dropped_blank"] += 1
+            else:
+                offsets.append(out.tell())
+                out.write(json.dumps({"text": text}, ensure_ascii=False).encode() + b"\n")
+            bar.update(1)
+    if not offsets:
+        raise DataError(f"data: no usable rows in {text_source(spec).describe()} ({counts['rows_read']} read, "
+                        "all NULL, empty or whitespace)")
+    return counts, np.asarray(offsets, dtype=np.int64), path
+
+
+def _split(n_docs: int, valid_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    if valid_fraction == 0:
+        return {"train": np.arange(n_docs), "valid": np.arange(0)}
+    if round(n_docs * valid_fraction) < 1 or n_docs - n_docs * valid_fraction < 1:
+        raise DataError(f"data.valid_fraction: {n_docs} usable documents are too few to split "
+                        f"{valid_fraction} off for validation; add rows or change data.valid_fraction")
+    from sklearn.model_selection import train_test_split
+
+    train, valid = train_test_split(np.arange(n_docs), test_size=valid_fraction, random_state=seed)
+    return {"train": train, "valid": valid}
+
+
+def _write_text_shards(all_docs: Path, offsets: np.ndarray, split_order, n_shards: int, build: Path):
+    """Each split's documents, in split order, cut into n contiguous text shards (JSON lines)."""
+    shards = {}
+    with open(all_docs, "rb") as src:
+        for split, order in split_order.items():
+            shards[split] = []
+            n = min(n_shards, max(1, len(order)))
+            for i, part in enumerate(np.array_split(order, n)):
+                rel = f"text/{split}-{i:05d}.jsonl"
+                h, size = hashlib.sha256(), 0
+                with open(build / rel, "wb") as out:
+                    for doc in part:
+                        src.seek(int(offsets[doc]))
+                        line = src.readline()
+                        out.write(line)
+                        h.update(line)
+                        size += len(line)
+                shards[split].append({"text": rel, "documents": int(len(part)), "text_bytes": size,
+                                      "text_sha256": h.hexdigest(), "build": str(build)})
+    return shards
+
+
+def _separator_ids(tok, join: str) -> list[int]:
+    if join == "eos":
+        if tok.eos_token_id is None:
+            raise DataError("data.join: eos, but the tokenizer has no end-of-text token; use data.join: newline")
+        return [tok.eos_token_id]
+    return tok("\n", add_special_tokens=False)["input_ids"]
+
+
+def _tokenise_all(text_shards, tok_name, separator, block_size, dtype, workers, interval_s):
+    jobs = [(split, s) for split in SPLITS for s in text_shards[split]]
+    workers = workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(jobs)))
+    results = {}
+    with Progress(len(jobs), "tokenising", "shards", interval_s) as bar:
+        if workers == 1:
+            outs = (tokenise_shard(s, tok_name, separator, block_size, dtype) for _, s in jobs)
+        else:
+            pool = ProcessPoolExecutor(workers)
+            outs = pool.map(tokenise_shard, [s for _, s in jobs], [tok_name] * len(jobs),
+                            [separator] * len(jobs), [block_size] * len(jobs), [dtype] * len(jobs))
+        for (split, shard), out in zip(jobs, outs):
+            results[(split, shard["text"])] = out
+            bar.update(1, tokens=sum(r["n_tokens"] for r in results.values()))
+        if workers > 1:
+            pool.shutdown()
+    return results
+
+
+def tokenise_shard(shard: dict, tok_name: str, separator: list[int], block_size: int, dtype: str) -> dict:
+    """One text shard -> one token shard. Runs in a worker process; documents are joined by `separator`
+    and the stream is cut into blocks of block_size, the tail shorter than a block dropped (as the
+    original run's TextDataset did)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per shard already uses every core
+    tok = model_lib.load_tokenizer(tok_name)
+    build = Path(shard["build"])
+    pieces, batch, n_tokens = [], [], 0
+    sep = np.asarray(separator, dtype=np.int64)
+
+    def flush():
+        nonlocal n_tokens
+        for ids in tok(batch, add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray(ids, dtype=np.int64))
+            pieces.append(sep)
+            n_tokens += len(ids) + len(sep)
+        batch.clear()
+
+    with open(build / shard["text"], encoding="utf-8") as f:
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            if len(batch) == 1024:
+                flush()
+    if batch:
+        flush()
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    n_blocks = len(stream) // block_size
+    blocks = stream[: n_blocks * block_size].astype(dtype).reshape(n_blocks, block_size)
+    rel = shard["text"].replace("text/", "tokens/").replace(".jsonl", ".bin")
+    write_token_shard(build / rel, blocks)
+    return {"tokens": rel, "n_tokens": int(n_tokens), "blocks": int(n_blocks),
+            "tokens_bytes": (build / rel).stat().st_size, "tokens_sha256": _sha256(build / rel)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(spec, tok, tok_name, expected, counts, split_order, text_shards, token_stats, separator, dtype,
+              t_text, t_total):
+    splits = {}
+    for split in SPLITS:
+        shards = []
+        for s in text_shards[split]:
+            entry = {k: v for k, v in s.items() if k != "build"}
+            entry.update(token_stats[(split, s["text"])])
+            shards.append(entry)
+        splits[split] = {"documents": int(len(split_order[split])), "shards": shards,
+                         "tokens": sum(s["n_tokens"] for s in shards), "blocks": sum(s["blocks"] for s in shards),
+                         "text_bytes": sum(s["text_bytes"] for s in shards)}
+    return {
+        "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "input_hash": expected,
+        "source": text_source(spec).describe(), **counts,
+        "tokenizer": {"source": tok_name, "fingerprint": model_lib.tokenizer_fingerprint(tok),
+                      "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "separator": separator},
+        "block_size": spec.data.block_size, "dtype": dtype.name, "join": spec.data.join, "splits": splits,
+        "seconds": {"text": round(t_text, 3), "tokenise": round(t_total - t_text, 3), "total": round(t_total, 3)},
+    }
+
+
+def _swap_in(build: Path, data_dir: Path) -> None:
+    """Replace data/ by the new build with renames, so a kill leaves either the old or the new data."""
+    old = data_dir.with_name(data_dir.name + f".old-{os.getpid()}")
+    if data_dir.exists():
+        data_dir.rename(old)
+    build.rename(data_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def open_split(paths: RunPaths, split: str) -> list[TokenShard]:
+    m = read_manifest(paths)
+    if m is None:
+        raise DataError(f"no data manifest at {paths.manifest}; run `ftjob prepare` first")
+    return [TokenShard.open(paths.data / s["tokens"]) for s in m["splits"][split]["shards"]]

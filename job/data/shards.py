@@ -1,0 +1,61 @@
+"""Token shards: fixed-size blocks of token ids in a flat binary file with a small header (as llm.c does).
+
+Layout: a 64-byte header, then n_blocks * block_size token ids (little-endian uint16 or uint32).
+The header lets a loader check a shard before trusting it: magic, version, dtype width, block size, count.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"FTJOBTOK"
+VERSION = 1
+HEADER_BYTES = 64
+_HEADER = struct.Struct("<8sIIIQ")  # magic, version, bytes per token, block_size, n_blocks
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_token_shard(path: Path, blocks: np.ndarray) -> None:
+    """Write a (n_blocks, block_size) array; written to a temporary name and renamed, so never half there."""
+    n_blocks, block_size = blocks.shape
+    header = _HEADER.pack(MAGIC, VERSION, blocks.dtype.itemsize, block_size, n_blocks).ljust(HEADER_BYTES, b"\0")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(np.ascontiguousarray(blocks).tobytes())
+    tmp.replace(path)
+
+
+@dataclass
+class TokenShard:
+    path: Path
+    block_size: int
+    n_blocks: int
+    dtype: np.dtype
+
+    @classmethod
+    def open(cls, path: Path) -> "TokenShard":
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        if len(raw) < HEADER_BYTES:
+            raise ValueError(f"{path}: too short for a token shard header")
+        magic, version, width, block_size, n_blocks = _HEADER.unpack(raw[:_HEADER.size])
+        if magic != MAGIC or version != VERSION or width not in (2, 4):
+            raise ValueError(f"{path}: not an ftjob token shard (magic {magic!r}, version {version})")
+        expected = HEADER_BYTES + n_blocks * block_size * width
+        if path.stat().st_size != expected:
+            raise ValueError(f"{path}: size {path.stat().st_size} != {expected} from its header (truncated?)")
+        return cls(path, block_size, n_blocks, np.dtype("<u2" if width == 2 else "<u4"))
+
+    def blocks(self) -> np.ndarray:
+        """Memory-mapped (n_blocks, block_size) view: no copy, pages come in as the loader touches them."""
+        if self.n_blocks == 0:
+            return np.zeros((0, self.block_size), self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_BYTES,
+                         shape=(self.n_blocks, self.block_size))

@@ -1,0 +1,56 @@
+"""Exit codes and the errors that map to them.
+
+The codes are part of the job's interface: Slurm scripts requeue on PREEMPTED and Kubernetes
+podFailurePolicy fails fast on BAD_INPUT, so they never change meaning.
+"""
+
+OK = 0
+FAILED = 1  # unexpected failure (a bug, a crashed worker); the traceback is in the log
+BAD_INPUT = 2  # the spec, the data, the model path or the output directory is wrong; fix and resubmit
+LOCKED = 3  # another live job holds the run directory
+DIVERGED = 4  # loss went NaN/inf or the fp16 loss scale collapsed; the last good checkpoint is named
+PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a complete checkpoint; run again to resume
+
+EXIT_CODES = {
+    OK: "success",
+    FAILED: "unexpected failure (see the log)",
+    BAD_INPUT: "bad input: spec, data, model or output directory (the message names it)",
+    LOCKED: "the run directory is held by another live job",
+    DIVERGED: "training diverged (NaN/inf loss or fp16 loss scale at its minimum)",
+    PREEMPTED: "preempted: a complete checkpoint was written; run the same command again to resume",
+}
+
+
+class JobError(Exception):
+    """An error the user can act on: printed as one line, never as a traceback."""
+
+    exit_code = FAILED
+
+
+class BadInput(JobError):
+    exit_code = BAD_INPUT
+
+
+class SpecError(BadInput):
+    """A problem in the spec; `key` is the dotted path, `line` the spec file's line when known."""
+
+    def __init__(self, key: str, message: str, line: int | None = None, source: str | None = None):
+        self.key, self.line, self.source = key, line, source
+        where = f"{source}:{line}: " if source and line else (f"{source}: " if source else "")
+        super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
+
+
+class DataError(BadInput):
+    """A problem with the database, table, column, query or the rows themselves."""
+
+
+class RunLocked(JobError):
+    exit_code = LOCKED
+
+
+class Diverged(JobError):
+    exit_code = DIVERGED
+
+
+class Preempted(JobError):
+    exit_code = PREEMPTED

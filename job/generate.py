@@ -1,0 +1,63 @@
+"""Samples from a model with the spec's prompts and sampling parameters, as JSON lines and markdown."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .spec import GenerationSpec
+
+log = logging.getLogger("ftjob")
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, gen: GenerationSpec, device=None, synced_gpus: bool = False) -> list[dict]:
+    """One record per prompt. Seeds per prompt, so the same weights give the same samples."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    records = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for i, prompt in enumerate(gen.prompts):
+        torch.manual_seed(gen.seed + i)
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        out = model.generate(**enc, do_sample=gen.do_sample, num_beams=gen.num_beams,
+                             temperature=gen.temperature if gen.do_sample else None,
+                             top_p=gen.top_p if gen.do_sample else None, max_length=gen.max_length,
+                             num_return_sequences=gen.num_return_sequences, pad_token_id=pad,
+                             synced_gpus=synced_gpus)
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        records.append({"prompt": prompt, "samples": texts})
+    model.train(was_training)
+    return records
+
+
+def write_samples(records: list[dict], directory: Path, name: str, **meta) -> Path:
+    """samples/<name>.jsonl plus samples/<name>.md for reading."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({**meta, **r}, ensure_ascii=False) + "\n")
+    lines = [f"# Samples: {name}", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    for r in records:
+        lines.append(f"## {r['prompt']}")
+        lines += [f"{j + 1}. {s}" for j, s in enumerate(r["samples"])] + [""]
+    (directory / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def read_samples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def samples_from_directory(model_dir: Path, gen: GenerationSpec, device: str | None = None) -> list[dict]:
+    """Load a Hugging Face directory with plain transformers and sample from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return generate_samples(model.to(device), tok, gen, device)

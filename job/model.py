@@ -1,0 +1,97 @@
+"""Finding and loading models and tokenizers, offline.
+
+Clusters rarely reach the Hugging Face Hub, so a model is a local directory or an id already in the local
+cache; nothing here ever downloads.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import BadInput
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def resolve_model_dir(name: str, key: str = "model.path") -> Path:
+    """A local directory for `name`: the path itself, or the cached snapshot of a Hub id."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise BadInput(f"{key}: {name} is a file; give the directory that holds config.json")
+        return p
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise BadInput(f"{key}: directory not found: {name}")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise BadInput(f"{key}: {name!r} is not a local directory and is not in the local Hugging Face cache "
+                       f"({cache}); download it where there is network (`hf download {name}`) and mount "
+                       "that cache, or give a local path") from None
+
+
+def load_tokenizer(name: str, key: str = "model.tokenizer"):
+    from transformers import AutoTokenizer
+
+    directory = resolve_model_dir(name, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(directory, use_fast=True)
+    except Exception as e:
+        raise BadInput(f"{key}: no usable tokenizer in {directory} ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); it needs tokenizer.json or "
+                       "vocab.json + merges.txt") from None
+    if not getattr(tok, "is_fast", False):
+        raise BadInput(f"{key}: the tokenizer in {directory} has no fast (Rust) version; save it with tokenizer.json")
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A hash of what the tokenizer does (not where it lives), for the data manifest."""
+    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def model_config(spec_model):
+    """The GPT-2 config of the model the run trains: the checkpoint's, or a fresh one from `from_config`."""
+    from transformers import AutoConfig, GPT2Config
+
+    if spec_model.from_config is not None:
+        try:
+            return GPT2Config(**spec_model.from_config)
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"model.from_config: {e}") from None
+    directory = resolve_model_dir(spec_model.path)
+    if not (directory / "config.json").exists():
+        raise BadInput(f"model.path: {directory} has no config.json (is it a Hugging Face model directory?)")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as e:
+        raise BadInput(f"model.path: cannot read {directory / 'config.json'}: {e}") from None
+
+
+def load_model(spec_model, vocab_size: int | None = None, dropout: float | None = None):
+    """The model to train: pretrained weights from `path`, or fresh weights from `from_config`."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    config = model_config(spec_model)
+    if dropout is not None:
+        for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if hasattr(config, attr):
+                setattr(config, attr, dropout)
+    if spec_model.from_config is not None:
+        if vocab_size is not None and config.vocab_size < vocab_size:
+            config.vocab_size = vocab_size
+        return GPT2LMHeadModel(config)
+    directory = resolve_model_dir(spec_model.path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype="float32")
+    except Exception as e:
+        raise BadInput(f"model.path: cannot load weights from {directory}: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}") from None
+
+
+def max_positions(config) -> int:
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)

@@ -1,0 +1,218 @@
+"""The stages in order: validate -> prepare -> train -> generate -> report. One function per stage.
+
+Each stage reads what the one before wrote to the run directory, so each can run alone
+(`ftjob prepare`, `ftjob train`, ...) and `ftjob run` is the stages in order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from . import errors
+from . import model as model_lib
+from . import spec as spec_lib
+from .data.prepare import prepare, read_manifest, text_source
+from .data.sqlite_source import check_source
+from .generate import samples_from_directory, write_samples
+from .lock import RunLock
+from .paths import RunPaths
+from .runstate import read_state, write_state
+from .spec import JobSpec
+from .train.launch import Launch, NodeInfo, launcher_command, node_info, worker_env
+from .train.setup import resolve_precision
+
+log = logging.getLogger("ftjob")
+
+
+# ------------------------------------------------------------------ validate
+
+
+def preflight(spec: JobSpec, accelerator: str | None = None) -> dict:
+    """Every check that can fail before anything is written; returns a few facts for the summary."""
+    _check_output_dir(Path(spec.output_dir))
+    check_source(text_source(spec))
+    tok = model_lib.load_tokenizer(spec.model.tokenizer or spec.model.path,
+                                   "model.tokenizer" if spec.model.tokenizer else "model.path")
+    config = model_lib.model_config(spec.model)
+    positions = model_lib.max_positions(config)
+    if positions and spec.data.block_size > positions:
+        raise errors.SpecError("data.block_size", f"{spec.data.block_size} is larger than the model's "
+                               f"{positions} positions; use at most {positions}")
+    if spec.model.from_config is None and len(tok) > config.vocab_size:
+        raise errors.BadInput(f"model.tokenizer: the tokenizer has {len(tok)} tokens but the model's "
+                              f"vocabulary has {config.vocab_size}; use the model's own tokenizer")
+    if spec.generation.max_length > (positions or spec.generation.max_length):
+        raise errors.SpecError("generation.max_length", f"is larger than the model's {positions} positions")
+    if accelerator is not None:
+        resolve_precision(spec, accelerator == "cuda")
+    return {"tokenizer_vocab": len(tok), "positions": positions, "model_type": config.model_type}
+
+
+def _check_output_dir(out: Path) -> None:
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise errors.BadInput(f"output_dir: {existing} is a file, so {out} cannot be created; "
+                              "give a directory on the mounted volume")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise errors.BadInput(f"output_dir: {existing} is not writable by this user (uid {os.getuid()}); "
+                              "mount the volume read-write or pick another output_dir")
+
+
+# ------------------------------------------------------------------ prepare
+
+
+def prepare_stage(spec: JobSpec, paths: RunPaths, force: bool = False) -> dict:
+    write_state(paths, stage="prepare")
+    return prepare(spec, paths, force=force, interval_s=spec.report.log_interval_s)
+
+
+def wait_for_manifest(paths: RunPaths, timeout_s: float = 4 * 3600, poll_s: float = 5.0) -> dict:
+    """Nodes other than rank 0 wait for rank 0's data (shared volume) instead of preparing it again."""
+    start = time.monotonic()
+    last_note = 0.0
+    while True:
+        manifest = read_manifest(paths)
+        state = read_state(paths)
+        if manifest and state.get("stage") != "prepare":
+            return manifest
+        if time.monotonic() - start > timeout_s:
+            raise errors.JobError(f"waited {timeout_s:.0f}s for node 0 to write {paths.manifest}; is node 0 running "
+                                  "and is the output directory a shared volume?")
+        if time.monotonic() - last_note > 60:
+            log.info("waiting for node 0 to prepare the data (%s)", paths.manifest)
+            last_note = time.monotonic()
+        time.sleep(poll_s)
+
+
+# ------------------------------------------------------------------ train
+
+
+def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> int:
+    if read_manifest(paths) is None:
+        raise errors.BadInput(f"no prepared data in {paths.data}; run `ftjob prepare` first (or `ftjob run`)")
+    if node.node_rank == 0:
+        write_state(paths, stage="train", nnodes=node.nnodes, procs_per_node=node.procs_per_node,
+                    accelerator=node.accelerator)
+    launch = Launch(launcher_command(paths, node), worker_env(node))
+    code = launch.run()
+    if code == 0:
+        return errors.OK
+    state = read_state(paths)
+    if launch.signalled or state.get("stage") == "preempted":
+        # The launcher exits 1 when it is signalled, whatever the workers did: the state file says
+        # whether they got to write their checkpoint.
+        return errors.PREEMPTED
+    if code in (errors.BAD_INPUT, errors.DIVERGED, errors.PREEMPTED, errors.LOCKED):
+        return code
+    write_state(paths, stage="failed", exit_code=code)
+    return errors.FAILED
+
+
+def already_trained(paths: RunPaths, spec: JobSpec) -> bool:
+    if not (paths.final / "config.json").exists() or read_state(paths).get("stage") not in ("trained", "generate", "done"):
+        return False
+    try:
+        previous = spec_lib.load(paths.spec)
+    except errors.JobError:
+        return False
+    return previous.train == spec.train and previous.data == spec.data and previous.model == spec.model
+
+
+# ------------------------------------------------------------------ generate / report
+
+
+def generate_stage(spec: JobSpec, paths: RunPaths, model_dir: Path | None = None, name: str = "after") -> Path:
+    model_dir = model_dir or paths.final
+    if not (model_dir / "config.json").exists():
+        raise errors.BadInput(f"no model in {model_dir}; train first (`ftjob train` or `ftjob run`)")
+    write_state(paths, stage="generate")
+    records = samples_from_directory(model_dir, spec.generation)
+    path = write_samples(records, paths.samples, name, weights=str(model_dir))
+    for r in records:
+        log.info("sample (%s) %r -> %r", name, r["prompt"], r["samples"][0])
+    return path
+
+
+def report_stage(paths: RunPaths) -> Path | None:
+    try:
+        from .report import write_report
+    except ImportError:  # pragma: no cover - report module is optional while it is being written
+        return None
+    path = write_report(paths)
+    log.info("report: %s", path)
+    return path
+
+
+# ------------------------------------------------------------------ run
+
+
+def start_run_dir(spec: JobSpec, paths: RunPaths, restart: bool) -> None:
+    """Node 0 only, under the lock: move an old run aside on --restart, record the resolved spec."""
+    if restart and paths.root.exists():
+        aside = paths.root.with_name(f"{paths.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        # Move everything but the lock we hold; nothing is deleted.
+        aside.mkdir()
+        for p in paths.root.iterdir():
+            if p.name != ".lock":
+                p.rename(aside / p.name)
+        log.info("--restart: the previous run was moved to %s", aside)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    new = spec_lib.dump(spec)
+    if paths.spec.exists() and paths.spec.read_text(encoding="utf-8") != new:
+        keep = paths.root / f"spec.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        shutil.copy2(paths.spec, keep)
+        log.info("the spec changed since the last attempt; the previous one is kept as %s", keep.name)
+    tmp = paths.spec.with_name("spec.yaml.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    tmp.replace(paths.spec)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def run(spec: JobSpec, restart: bool = False) -> int:
+    """All stages; resumes automatically from the newest complete checkpoint in the run directory."""
+    paths = RunPaths(spec.run_dir)
+    node = node_info(spec)
+    preflight(spec, node.accelerator)
+    # Outside the launcher, a preemption signal just stops the stage in hand: every stage either
+    # finished its files or leaves them to be redone, so "resume me" is the right answer.
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, _raise_interrupted)
+    try:
+        if node.node_rank != 0:
+            wait_for_manifest(paths)
+            return train_stage(spec, paths, node)
+        with RunLock(paths):
+            start_run_dir(spec, paths, restart)
+            write_state(paths, stage="prepare", started=read_state(paths).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            prepare_stage(spec, paths)
+            if already_trained(paths, spec):
+                log.info("already trained (%s); use --restart to train again", paths.final)
+            else:
+                code = train_stage(spec, paths, node)
+                if code != errors.OK:
+                    report_stage(paths)
+                    return code
+            generate_stage(spec, paths)
+            report_stage(paths)
+            write_state(paths, stage="done")
+            log.info("done: %s", paths.root)
+            return errors.OK
+    except _Interrupted as e:
+        log.info("received %s between stages; exiting %d, run again to resume", e, errors.PREEMPTED)
+        write_state(paths, stage="preempted") if paths.root.exists() else None
+        return errors.PREEMPTED

@@ -1,0 +1,348 @@
+"""One training process per device, started by the deepspeed launcher: `python -m job.train.worker`.
+
+The loop is short on purpose; the pieces live in setup.py (optimizer, schedule, DeepSpeed config),
+checkpoint.py (atomic save / resume), ../data/loader.py (which blocks at which step) and
+../generate.py. Host syncs (.item()) happen only at logging, evaluation and checkpoint steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import errors
+from .. import model as model_lib
+from .. import spec as spec_lib
+from ..data.loader import BlockStore, EpochSchedule
+from ..data.prepare import open_split, read_manifest
+from ..generate import generate_samples, write_samples
+from ..paths import RunPaths
+from ..progress import Progress, setup_logging
+from ..runstate import append_jsonl, truncate_jsonl, write_state
+from . import checkpoint, export
+from .setup import build_optimizer, build_scheduler, deepspeed_config, resolve_precision
+
+log = logging.getLogger("ftjob")
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense fp16/bf16 tensor-core peaks
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; acted on at the next step boundary once all ranks agree."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        if not self.signum:
+            log.info("received %s: will checkpoint at the next step boundary and exit %d",
+                     signal.Signals(signum).name, errors.PREEMPTED)
+        self.signum = signum
+
+
+class Trainer:
+    def __init__(self, paths: RunPaths):
+        import deepspeed
+
+        self.paths = paths
+        self.spec = spec_lib.load(paths.spec)
+        self.cuda = torch.cuda.is_available() and self.spec.resources.accelerator != "cpu"
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        setup_logging(self.rank)
+        self.stop = StopFlag()
+        self.precision = resolve_precision(self.spec, self.cuda)
+        t = self.spec.train
+        _seed_everything(t.seed + self.rank)
+
+        manifest = read_manifest(paths)
+        self.train_store = BlockStore(open_split(paths, "train"))
+        self.valid_store = BlockStore(open_split(paths, "valid"))
+        self.block_size = manifest["block_size"]
+        if len(self.train_store) < self.world * t.micro_batch:
+            raise errors.BadInput(
+                f"data: {len(self.train_store)} training blocks are fewer than one batch across ranks "
+                f"({self.world} ranks x train.micro_batch {t.micro_batch}); add rows, or lower "
+                "train.micro_batch, data.block_size or the number of processes")
+        self.schedule = EpochSchedule(len(self.train_store), self.world, t.micro_batch, t.grad_accum, t.seed)
+        self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
+
+        self.tokenizer = model_lib.load_tokenizer(self.spec.model.tokenizer or self.spec.model.path)
+        model = model_lib.load_model(self.spec.model, manifest["tokenizer"]["vocab_size"], t.dropout)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = 6 * self.n_params + 12 * model.config.n_layer * model.config.n_embd * self.block_size
+        optimizer = build_optimizer(self.spec, model, self.cuda)
+        scheduler = build_scheduler(self.spec, optimizer, self.total_steps)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=deepspeed_config(self.spec, self.precision),
+                                                    dist_init_required=False)
+        if t.compile:
+            self.engine.compile()
+        self.device = self.engine.device
+        self.step, self.tokens, self.attempt = 0, 0, 1
+        self._order_epoch, self._order = -1, None
+        self.tb = self._tensorboard()
+
+    # ------------------------------------------------------------------ helpers
+
+    def barrier(self):
+        torch.distributed.barrier()
+
+    def all_agree_to_stop(self) -> bool:
+        flag = torch.tensor([float(self.stop.signum != 0)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def batch(self, indices: np.ndarray, store: BlockStore) -> torch.Tensor:
+        x = torch.from_numpy(store.gather(indices))
+        if self.cuda:
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def epoch_order(self, step: int) -> np.ndarray:
+        epoch, _ = self.schedule.position(step)
+        if epoch != self._order_epoch:  # one permutation per epoch, not per step
+            self._order_epoch, self._order = epoch, self.schedule.order(epoch)
+        return self._order
+
+    def _tensorboard(self):
+        if self.rank != 0 or not self.spec.report.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.paths.tensorboard))
+
+    def state(self, stage: str, **extra):
+        if self.rank == 0:
+            write_state(self.paths, stage=stage, step=self.step, total_steps=self.total_steps,
+                        epoch=self.step / self.schedule.steps_per_epoch, world_size=self.world, **extra)
+
+    # ------------------------------------------------------------------ stages
+
+    def resume_or_start(self):
+        ckpt = checkpoint.newest_complete(self.paths.checkpoints)
+        if ckpt is None:
+            if self.rank == 0:
+                for p in (self.paths.metrics, self.paths.evals):
+                    p.unlink(missing_ok=True)
+            return
+        state = checkpoint.load(self.engine, ckpt, self.rank)
+        if state["world_size"] != self.world:
+            raise errors.BadInput(
+                f"checkpoint {ckpt} was written by {state['world_size']} processes but this run has {self.world}; "
+                "resume with the same number of processes, or start over with --restart")
+        self.step, self.tokens, self.attempt = state["step"], state["tokens"], state.get("attempt", 1) + 1
+        if self.rank == 0:  # steps after the checkpoint will be trained again: drop their old records
+            truncate_jsonl(self.paths.metrics, self.step)
+            truncate_jsonl(self.paths.evals, self.step)
+
+    def trainer_state(self) -> dict:
+        epoch, in_epoch = self.schedule.position(self.step)
+        return {"step": self.step, "tokens": self.tokens, "epoch": epoch, "step_in_epoch": in_epoch,
+                "world_size": self.world, "total_steps": self.total_steps, "attempt": self.attempt,
+                "blocks_per_step": self.schedule.blocks_per_step}
+
+    def save(self):
+        self.state("checkpoint")
+        path = checkpoint.save(self.engine, self.paths.checkpoints, self.step, self.trainer_state(),
+                               self.spec.train.keep_checkpoints, self.rank, self.barrier)
+        self.last_checkpoint = path
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """Mean loss over every validation block, split across ranks. All ranks run the same number of
+        forward passes (ZeRO-3 gathers parameters inside forward), padding with zero-weight batches."""
+        n = len(self.valid_store)
+        if n == 0:
+            return None
+        self.state("eval")
+        self.engine.eval()
+        mine = np.arange(self.rank, n, self.world)
+        mb = self.spec.train.micro_batch
+        n_iter = math.ceil(math.ceil(n / self.world) / mb)
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for i in range(n_iter):
+            idx = mine[i * mb:(i + 1) * mb]
+            x = self.batch(idx if len(idx) else np.arange(1), self.valid_store)
+            loss = self.engine(input_ids=x, labels=x).loss.double()
+            total += torch.stack([loss * len(idx), torch.tensor(float(len(idx)), device=self.device, dtype=torch.float64)])
+        torch.distributed.all_reduce(total)
+        self.engine.train()
+        loss = (total[0] / total[1]).item()
+        record = {"step": self.step, "loss": loss, "perplexity": math.exp(min(loss, 50)), "blocks": n,
+                  "tokens": self.tokens}
+        if self.rank == 0:
+            append_jsonl(self.paths.evals, record)
+            log.info("eval at step %d: validation loss %.4f, perplexity %.2f", self.step, loss, record["perplexity"])
+            if self.tb:
+                self.tb.add_scalar("eval/loss", loss, self.step)
+                self.tb.add_scalar("eval/perplexity", record["perplexity"], self.step)
+        return record
+
+    def samples(self, name: str):
+        stage3 = self.spec.train.zero_stage == 3
+        if self.rank != 0 and not stage3:
+            return
+        records = generate_samples(self.engine.module, self.tokenizer, self.spec.generation, self.device,
+                                   synced_gpus=stage3 and self.world > 1)
+        if self.rank == 0:
+            write_samples(records, self.paths.samples, name, step=self.step, weights="training run")
+
+    def train_step(self, order: np.ndarray) -> torch.Tensor:
+        step_loss = torch.zeros((), device=self.device)
+        for mb in self.schedule.micro_batches(self.step, self.rank, order):
+            # An empty micro-batch (end of epoch) still runs forward/backward with weight 0 so every rank
+            # takes part in the same collectives.
+            x = self.batch(mb.indices if len(mb.indices) else order[:1], self.train_store)
+            loss = self.engine(input_ids=x, labels=x).loss
+            self.engine.backward(loss * mb.weight)
+            self.engine.step()
+            step_loss += loss.detach().float() * mb.weight
+        return step_loss / (self.world * self.spec.train.grad_accum)
+
+    def run(self) -> int:
+        t = self.spec.train
+        self.resume_or_start()
+        self.last_checkpoint = checkpoint.newest_complete(self.paths.checkpoints, verify=False)
+        if self.step == 0:
+            self.evaluate()
+            self.samples("before")
+        if self.all_agree_to_stop():
+            return self.preempted(save=self.step > 0)
+
+        window_loss = torch.zeros((), device=self.device)
+        window_bad = torch.zeros((), device=self.device)
+        window_steps, window_start, skipped_in_row = 0, time.perf_counter(), 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.state("train")
+        bar = Progress(self.total_steps, "training", "steps", self.spec.report.log_interval_s,
+                       enabled=self.rank == 0, initial=self.step)
+        while self.step < self.total_steps:
+            order = self.epoch_order(self.step)
+            step_loss = self.train_step(order)
+            n_blocks = self._blocks_in(self.step, order)
+            self.step += 1
+            self.tokens += n_blocks * self.block_size
+            window_loss += step_loss
+            window_bad += (~torch.isfinite(step_loss)).float()
+            window_steps += 1
+            skipped_in_row = 0 if self.engine.was_step_applied() else skipped_in_row + 1
+            if skipped_in_row >= t.max_bad_steps:
+                return self.diverged(f"{skipped_in_row} optimizer steps in a row were skipped for fp16 overflow "
+                                     f"(loss scale {self._loss_scale()})")
+            last = self.step == self.total_steps
+            if self.step % t.log_every == 0 or last:
+                record = self.log_metrics(window_loss, window_steps, window_start)
+                bar.update(1, loss=record["loss"], tok_s=round(record["tokens_per_s"]))
+                if window_bad.item() and self.precision != "fp16":
+                    return self.diverged(f"loss became {record['loss']} near step {self.step}")
+                window_loss.zero_(), window_bad.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            else:
+                bar.update(1)
+            if t.eval_every and self.step % t.eval_every == 0 and not last:
+                self.evaluate()
+            if t.sample_every and self.step % t.sample_every == 0 and not last:
+                self.samples(f"step-{self.step:08d}")
+            if self.step % t.checkpoint_every == 0 and not last:
+                self.save()
+            if self.all_agree_to_stop():
+                bar.close()
+                return self.preempted(save=True)
+        bar.close()
+        self.evaluate()
+        self.save()
+        self.state("export")
+        export.export_final(self.engine, self.tokenizer, self.paths.final, self.rank, self.spec.train.zero_stage)
+        self.state("trained")
+        return errors.OK
+
+    def _blocks_in(self, step: int, order: np.ndarray) -> int:
+        _, k = self.schedule.position(step)
+        return len(order[k * self.schedule.blocks_per_step:(k + 1) * self.schedule.blocks_per_step])
+
+    def _loss_scale(self):
+        opt = self.engine.optimizer
+        return getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
+
+    def log_metrics(self, window_loss, window_steps, window_start) -> dict:
+        torch.distributed.all_reduce(window_loss)
+        loss = window_loss.item() / window_steps
+        seconds = time.perf_counter() - window_start
+        tokens_per_s = window_steps * self.schedule.blocks_per_step * self.block_size / max(seconds, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": self.step, "epoch": round(self.step / self.schedule.steps_per_epoch, 4), "loss": loss,
+                  "lr": self.engine.get_lr()[0], "loss_scale": self._loss_scale() if self.precision == "fp16" else None,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "tokens_per_s": round(tokens_per_s, 1), "tokens": self.tokens, "time": time.time()}
+        if self.cuda:
+            record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+            if peak:
+                record["mfu"] = round(tokens_per_s / self.world * self.flops_per_token / peak, 4)
+        if self.rank == 0:
+            append_jsonl(self.paths.metrics, record)
+            if self.tb:
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "loss_scale"):
+                    if record.get(k) is not None:
+                        self.tb.add_scalar(f"train/{k}", record[k], self.step)
+            self.state("train", loss=loss)
+        return record
+
+    def preempted(self, save: bool) -> int:
+        if save and (self.last_checkpoint is None or checkpoint.checkpoint_name(self.step) != self.last_checkpoint.name):
+            self.save()
+        self.state("preempted", signal=signal.Signals(self.stop.signum).name if self.stop.signum else None)
+        if self.rank == 0:
+            log.info("preempted at step %d; checkpoint %s; exit %d (run the same command again to resume)",
+                     self.step, self.last_checkpoint, errors.PREEMPTED)
+        return errors.PREEMPTED
+
+    def diverged(self, why: str) -> int:
+        self.state("diverged", reason=why)
+        if self.rank == 0:
+            last = self.last_checkpoint or "none (no checkpoint yet)"
+            log.error("training diverged: %s. Last good checkpoint: %s. Lower train.lr or raise train.warmup_steps, "
+                      "then run again (it resumes from that checkpoint).", why, last)
+        return errors.DIVERGED
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m job.train.worker")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)  # appended by the deepspeed launcher
+    args = parser.parse_args(argv)
+    setup_logging(int(os.environ.get("RANK", 0)))
+    try:
+        code = Trainer(RunPaths(Path(args.run_dir))).run()
+    except errors.JobError as e:
+        log.error("%s", e)
+        code = e.exit_code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: DeepSpeed/gloo threads can hang at exit, and everything is written.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

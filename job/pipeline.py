@@ -197,10 +197,11 @@ def run(spec: JobSpec, restart: bool = False) -> int:
             wait_for_manifest(paths)
             return train_stage(spec, paths, node)
         with RunLock(paths):
+            trained = not restart and already_trained(paths, spec)
             start_run_dir(spec, paths, restart)
-            write_state(paths, stage="prepare", started=read_state(paths).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            write_state(paths, started=read_state(paths).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             prepare_stage(spec, paths)
-            if already_trained(paths, spec):
+            if trained:
                 log.info("already trained (%s); use --restart to train again", paths.final)
             else:
                 code = train_stage(spec, paths, node)

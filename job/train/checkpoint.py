@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import debug
+
 log = logging.getLogger("ftjob")
 
 MARKER = "COMPLETE.json"
@@ -117,6 +119,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, keep: int, rank: in
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
     torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
     barrier()
+    debug.maybe_kill_in_save(step, rank)
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         files = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import errors
+from .. import debug, errors
 from .. import model as model_lib
 from .. import spec as spec_lib
 from ..data.loader import BlockStore, EpochSchedule
@@ -167,6 +167,7 @@ class Trainer:
         if n == 0:
             return None
         self.state("eval")
+        debug.delay("eval")
         self.engine.eval()
         mine = np.arange(self.rank, n, self.world)
         mb = self.spec.train.micro_batch
@@ -204,10 +205,12 @@ class Trainer:
         for mb in self.schedule.micro_batches(self.step, self.rank, order):
             # An empty micro-batch (end of epoch) still runs forward/backward with weight 0 so every rank
             # takes part in the same collectives.
+            debug.trace_blocks(self.rank, self.step, mb.indices)
             x = self.batch(mb.indices if len(mb.indices) else order[:1], self.train_store)
             loss = self.engine(input_ids=x, labels=x).loss
             self.engine.backward(loss * mb.weight)
             self.engine.step()
+            debug.delay("step")
             step_loss += loss.detach().float() * mb.weight
         return step_loss / (self.world * self.spec.train.grad_accum)
 

@@ -1,0 +1,277 @@
+"""report.md and loss.png for a run, from the files in its run directory alone.
+
+Any file may be missing (a run still preparing, no evaluation yet, no samples): its section then says so,
+so the report can be rewritten after every evaluation and once more at the end of `ftjob run`.
+The plot uses matplotlib's Figure and Agg canvas directly, never pyplot, so no global backend is touched.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from . import spec as spec_lib
+from .errors import SpecError
+from .paths import RunPaths
+from .progress import format_duration
+from .runstate import read_jsonl, read_state
+from .status import FINISHED
+from .train.checkpoint import complete_checkpoints, read_marker
+
+LAST_N = 10  # speed figures average the last N metrics records (the first ones include warm-up)
+OUTCOME = {"done": "finished", "trained": "finished training", "generate": "finished training, generating samples",
+           "preempted": "preempted", "diverged": "diverged", "failed": "failed"}
+
+
+def write_report(paths: RunPaths) -> Path:
+    """Write report.md and loss.png into the run directory; returns the report's path."""
+    plot_loss(paths)
+    state, metrics, evals = read_state(paths), read_jsonl(paths.metrics), read_jsonl(paths.evals)
+    spec = _load_spec(paths)
+    name = spec.name if spec else paths.root.name
+    parts = [f"# {name}: {_outcome(state)}", "",
+             f"Run directory `{paths.root}`; report written {time.strftime('%Y-%m-%d %H:%M:%S %z')}.", "",
+             *_spec_section(spec, state), *_data_section(_read_json(paths.manifest)),
+             *_training_section(metrics, state), *_validation_section(evals, state),
+             "## Loss", "", "![loss](loss.png)", "",
+             *_samples_section(paths), *_checkpoint_section(paths)]
+    tmp = paths.report.with_name(f".report.md.{os.getpid()}")  # replaced whole: a reader never sees half
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, paths.report)
+    return paths.report
+
+
+# ---------------------------------------------------------------- plot
+
+
+def loss_series(paths: RunPaths) -> dict[str, tuple[list[int], list[float]]]:
+    """The plotted data: {"train": (steps, losses), "valid": (steps, losses)}; empty lists when not logged."""
+    def series(records):  # a diverged run's NaN/inf loss is named in the report, not plotted (it breaks autoscale)
+        kept = [r for r in records if r.get("step") is not None and isinstance(r.get("loss"), (int, float))
+                and math.isfinite(r["loss"])]
+        return [r["step"] for r in kept], [float(r["loss"]) for r in kept]
+
+    return {"train": series(read_jsonl(paths.metrics)), "valid": series(read_jsonl(paths.evals))}
+
+
+def plot_loss(paths: RunPaths) -> Path:
+    """loss.png: training loss (line) and validation loss (markers) against the optimizer step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = loss_series(paths)
+    fig = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(*data["train"], label="training loss", color="tab:blue", linewidth=1.2)
+    ax.plot(*data["valid"], label="validation loss", color="tab:orange", linestyle="none", marker="o")
+    if not data["train"][0] and not data["valid"][0]:
+        ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{paths.root.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = paths.loss_plot.with_name(f".loss.png.{os.getpid()}")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, paths.loss_plot)
+    return paths.loss_plot
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _outcome(state: dict) -> str:
+    stage = state.get("stage")
+    if stage is None:
+        return "not started"
+    where = f" at step {state.get('step')}" + (f" of {state['total_steps']}" if state.get("total_steps") else "")
+    if stage in ("preempted", "diverged", "failed"):
+        why = state.get("reason") or state.get("signal")
+        return OUTCOME[stage] + where + (f" ({why})" if why else "")
+    return OUTCOME.get(stage) or f"in progress ({stage}{where})"
+
+
+def _spec_section(spec, state: dict) -> list[str]:
+    if spec is None:
+        return ["## Spec", "", "No readable spec.yaml in the run directory.", ""]
+    d, t = spec.data, spec.train
+    world = state.get("world_size")
+    per_step = world * t.micro_batch * t.grad_accum if world else None
+    batch = f"{world or '?'} processes x {t.micro_batch} micro-batch x {t.grad_accum} accumulation"
+    if per_step:
+        batch += f" = {per_step:,} sequences ({per_step * d.block_size:,} tokens) per step"
+    source = f"query `{d.query}`" if d.query else f"table `{d.table}`, column `{d.text_column}`"
+    length = f"{t.max_steps:,} steps (max_steps)" if t.max_steps else f"{t.epochs:g} epochs"
+    if state.get("total_steps"):
+        length += f", {state['total_steps']:,} optimizer steps"
+    model = f"`{spec.model.path}`" + (" (fresh weights from model.from_config)" if spec.model.from_config else "")
+    rows = [("model", model),
+            ("data", f"`{d.database}`, {source}" + (f", first {d.limit:,} rows" if d.limit else "")),
+            ("block size", f"{d.block_size} tokens"), ("batch", batch),
+            ("learning rate", f"{t.lr:g}" + (f", {t.warmup_steps} warm-up steps" if t.warmup_steps else "")),
+            ("optimizer", t.optimizer + (f", weight decay {t.weight_decay:g}" if t.weight_decay else "")),
+            ("scheduler", t.scheduler), ("precision", t.precision), ("ZeRO stage", str(t.zero_stage)),
+            ("length", length), ("seed", str(t.seed))]
+    return ["## Spec", "", *_table(("setting", "value"), rows), ""]
+
+
+def _data_section(m: dict | None) -> list[str]:
+    if not m:
+        return ["## Data", "", "Not prepared yet (no data/manifest.json).", ""]
+    splits, sec = m.get("splits", {}), m.get("seconds", {})
+    total_bytes = sum(s.get("text_bytes", 0) for s in splits.values())
+    speed = f", {total_bytes / 1e6 / sec['total']:.1f} MB/s of text" if sec.get("total") else ""
+    tok = m.get("tokenizer", {})
+    lines = ["## Data", "",
+             f"- source: `{m.get('source')}`",
+             f"- rows read: {m.get('rows_read', 0):,}; dropped: {m.get('rows_dropped', 0):,} "
+             f"({m.get('dropped_null', 0):,} null, {m.get('dropped_blank', 0):,} blank)",
+             f"- tokenizer `{tok.get('source')}` (vocabulary {tok.get('vocab_size', 0):,}); blocks of "
+             f"{m.get('block_size')} tokens, documents joined by {m.get('join')}, stored as {m.get('dtype')}",
+             f"- prepared in {sec.get('total', 0):.1f} s (text {sec.get('text', 0):.1f} s, tokenising "
+             f"{sec.get('tokenise', 0):.1f} s){speed}", ""]
+    rows = [(name, f"{s.get('documents', 0):,}", f"{s.get('tokens', 0):,}", f"{s.get('blocks', 0):,}",
+             f"{s.get('text_bytes', 0) / 1e6:.2f}") for name, s in splits.items()]
+    return lines + _table(("split", "documents", "tokens", "blocks", "text MB"), rows, right=4) + [""]
+
+
+def _training_section(metrics: list[dict], state: dict) -> list[str]:
+    if not metrics:
+        return ["## Training", "", "No training step logged yet.", ""]
+    first, last, recent = metrics[0], metrics[-1], metrics[-LAST_N:]
+    rows = [("steps", f"{last['step']:,}" + (f" of {state['total_steps']:,}" if state.get("total_steps") else "")),
+            ("epochs", f"{last.get('epoch', 0):.2f}"), ("tokens", f"{last.get('tokens', 0):,}"),
+            ("training loss", f"{_fmt(first.get('loss'), '.4f')} at step {first['step']} -> "
+                              f"{_fmt(last.get('loss'), '.4f')} at step {last['step']}"),
+            ("wall time", format_duration(_wall_seconds(metrics))),
+            (f"tokens/s (mean of last {len(recent)} logs)", f"{_mean(recent, 'tokens_per_s'):,.0f}")]
+    if any(r.get("mfu") is not None for r in recent):
+        rows.append(("MFU (per device)", f"{100 * _mean(recent, 'mfu'):.1f}%"))
+    if any(r.get("peak_mem_gib") is not None for r in metrics):
+        rows.append(("peak GPU memory", f"{max(r.get('peak_mem_gib') or 0 for r in metrics):.2f} GiB"))
+    return ["## Training", "", *_table(("figure", "value"), rows), ""]
+
+
+def _wall_seconds(metrics: list[dict]) -> float:
+    """First to last record's `time`, plus the first logging window (each record is stamped at its window's
+    end). A resumed run's figure includes the time between attempts."""
+    first = metrics[0]
+    window = first.get("tokens", 0) / first["tokens_per_s"] if first.get("tokens_per_s") else 0.0
+    return (metrics[-1].get("time", 0) - first.get("time", 0)) + window
+
+
+def _validation_section(evals: list[dict], state: dict) -> list[str]:
+    if not evals:
+        return ["## Validation", "", "No evaluation yet.", ""]
+    first, last = evals[0], evals[-1]
+    label_first = "before training" if first["step"] == 0 else "first evaluation"
+    label_last = "after training" if state.get("stage") in FINISHED else "latest evaluation"
+    rows = [(label_first, str(first["step"]), _fmt(first.get("loss"), ".4f"), _fmt(first.get("perplexity"), ".2f"))]
+    if len(evals) > 1:
+        rows.append((label_last, str(last["step"]), _fmt(last.get("loss"), ".4f"), _fmt(last.get("perplexity"), ".2f")))
+        rows.append(("change", "", _change(first.get("loss"), last.get("loss"), ".4f"),
+                     _change(first.get("perplexity"), last.get("perplexity"), ".2f")))
+    return ["## Validation", "", f"Mean loss over all {last.get('blocks', 0):,} validation blocks.", "",
+            *_table(("", "step", "loss", "perplexity"), rows, right=3), ""]
+
+
+def _change(before, after, fmt: str) -> str:
+    if before is None or after is None:
+        return "-"
+    diff = after - before
+    pct = f" ({100 * diff / before:+.1f}%)" if before and math.isfinite(before) else ""
+    return f"{diff:+{fmt}}{pct}"
+
+
+def _samples_section(paths: RunPaths) -> list[str]:
+    before = read_jsonl(paths.samples / "before.jsonl")
+    after, after_label = _after_samples(paths)
+    if not before and not after:
+        return ["## Samples", "", "No samples yet.", ""]
+    by_prompt: dict[str, list[list[str]]] = {}
+    for col, records in enumerate((before, after)):
+        for r in records:
+            by_prompt.setdefault(r.get("prompt", ""), [[], []])[col] = r.get("samples", [])
+    rows = [(_cell([p]), _cell(b), _cell(a)) for p, (b, a) in by_prompt.items()]
+    notes = [f"- {label}: {_meta(records)}" for label, records in (("before", before), (after_label, after)) if records]
+    return ["## Samples", "", *notes, "", *_table(("prompt", "before", after_label), rows), ""]
+
+
+def _after_samples(paths: RunPaths) -> tuple[list[dict], str]:
+    """samples/after.jsonl, else the newest samples/step-N.jsonl written during training."""
+    after = read_jsonl(paths.samples / "after.jsonl")
+    if after:
+        return after, "after"
+    steps = sorted(paths.samples.glob("step-*.jsonl")) if paths.samples.exists() else []
+    if not steps:
+        return [], "after"
+    return read_jsonl(steps[-1]), "step " + (steps[-1].stem.removeprefix("step-").lstrip("0") or "0")
+
+
+def _meta(records: list[dict]) -> str:
+    meta = {k: v for k, v in records[0].items() if k not in ("prompt", "samples")}
+    return ", ".join(f"{k}: {v}" for k, v in meta.items()) or "-"
+
+
+def _checkpoint_section(paths: RunPaths) -> list[str]:
+    rows = []
+    for step, path in complete_checkpoints(paths.checkpoints):
+        try:
+            m = read_marker(path)
+        except (OSError, ValueError):
+            continue
+        size = sum(f.get("bytes", 0) for f in m.get("files", {}).values()) / 1e6
+        rows.append((f"`{path.name}`", str(m.get("time", "-")), f"{step:,}", f"{m.get('tokens', 0):,}", f"{size:,.1f}"))
+    final = "present" if (paths.final / "config.json").exists() else "not exported yet"
+    lines = ["## Checkpoints", "", f"Final model (`final/`, Hugging Face format): {final}.", ""]
+    if not rows:
+        return lines + ["No complete checkpoint yet.", ""]
+    lines += ["Complete checkpoints, newest first:", ""]
+    return lines + _table(("checkpoint", "written", "step", "tokens", "MB"), rows, right=3) + [""]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _load_spec(paths: RunPaths):
+    try:
+        return spec_lib.load(paths.spec)
+    except SpecError:
+        return None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mean(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else 0.0
+
+
+def _cell(texts: list[str]) -> str:
+    """Table-safe text: HTML-escaped, `|` escaped, newlines as <br>; several samples numbered."""
+    safe = [html.escape(t, quote=False).replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+            for t in texts]
+    if len(safe) <= 1:
+        return safe[0] if safe else "-"
+    return "<br>".join(f"{i + 1}. {t}" for i, t in enumerate(safe))
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: int = 0) -> list[str]:
+    """A markdown table; the last `right` columns are right-aligned (numbers)."""
+    align = ["---"] * (len(header) - right) + ["---:"] * right
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + \
+           ["| " + " | ".join(row) + " |" for row in rows]

@@ -1,0 +1,157 @@
+"""The whole job on one machine, through the real `ftjob` command and the real deepspeed launcher with two
+CPU worker processes (gloo), and the exported model loaded back with plain transformers."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_ftjob, write_spec
+from job.data.loader import EpochSchedule
+from job.train.setup import lr_lambda
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_assets, tmp_path_factory):
+    """The demo spec with greedy decoding (so samples can be compared exactly), blocks traced."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    spec = yaml.safe_load(demo_assets.spec.read_text())
+    path = write_spec(tmp / "spec.yaml", spec, output_dir=str(tmp / "runs"), generation__do_sample=False,
+                      generation__num_beams=1)
+    trace = tmp / "trace"
+    trace.mkdir()
+    proc = run_ftjob("run", path, env={"FTJOB_TRACE_BLOCKS": str(trace)})
+    return {"proc": proc, "run": tmp / "runs" / "demo", "spec": path, "trace": trace, "specdict": spec}
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_run_succeeds_and_leaves_every_output(demo_run):
+    proc, run = demo_run["proc"], demo_run["run"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rel in ["spec.yaml", "data/manifest.json", "metrics.jsonl", "eval.jsonl", "final/config.json",
+                "final/model.safetensors", "final/tokenizer.json", "samples/before.jsonl", "samples/after.jsonl",
+                "samples/before.md", "samples/after.md", "checkpoints/latest"]:
+        assert (run / rel).exists(), rel
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert (run / "checkpoints" / latest / "COMPLETE.json").exists()
+    assert json.loads((run / "state.json").read_text())["stage"] == "done"
+
+
+def test_validation_loss_falls_and_is_recorded_before_during_after(demo_run):
+    evals = jsonl(demo_run["run"] / "eval.jsonl")
+    steps = [e["step"] for e in evals]
+    assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 3  # before, every eval_every, after
+    assert evals[-1]["loss"] < evals[0]["loss"] - 1.0
+    assert math.isclose(evals[-1]["perplexity"], math.exp(evals[-1]["loss"]), rel_tol=1e-6)
+
+
+def test_metrics_have_the_training_figures(demo_run):
+    metrics = jsonl(demo_run["run"] / "metrics.jsonl")
+    assert metrics, "no metrics written"
+    for key in ("step", "epoch", "loss", "lr", "loss_scale", "grad_norm", "tokens_per_s", "tokens"):
+        assert key in metrics[-1], key
+    spec = demo_run["specdict"]["train"]
+    manifest = json.loads((demo_run["run"] / "data" / "manifest.json").read_text())
+    sched = EpochSchedule(manifest["splits"]["train"]["blocks"], 2, spec["micro_batch"], spec["grad_accum"], spec["seed"])
+    total = math.ceil(spec["epochs"] * sched.steps_per_epoch)
+    assert metrics[-1]["step"] == total
+    # The logged learning rate follows warmup + cosine (the scheduler has stepped `step` times).
+    f = lr_lambda("cosine", spec["warmup_steps"], total)
+    for m in metrics[:-1]:
+        assert math.isclose(m["lr"], spec["lr"] * f(m["step"]), rel_tol=1e-6), m
+
+
+def test_every_parameter_is_trained(demo_run, demo_assets):
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(demo_assets.model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(demo_run["run"] / "final").state_dict()
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if before[k].is_floating_point() and "attn.bias" not in k
+                 and torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters not trained: {unchanged}"
+
+
+def _greedy(model_dir: Path, prompts: list[str], max_length: int) -> list[str]:
+    # Plain transformers, no ftjob code: what a user of the exported model does.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, do_sample=False, num_beams=1, max_length=max_length,
+                                 pad_token_id=tok.eos_token_id)
+        out.append(tok.decode(gen[0], skip_special_tokens=True))
+    return out
+
+
+def test_samples_come_from_the_trained_weights(demo_run, demo_assets):
+    gen = demo_run["specdict"]["generation"]
+    after = [r["samples"][0] for r in jsonl(demo_run["run"] / "samples" / "after.jsonl")]
+    before = [r["samples"][0] for r in jsonl(demo_run["run"] / "samples" / "before.jsonl")]
+    exported = _greedy(demo_run["run"] / "final", gen["prompts"], gen["max_length"])
+    untrained = _greedy(demo_assets.model, gen["prompts"], gen["max_length"])
+    assert after == exported
+    assert before == untrained  # "before" really is the starting model
+    assert after != untrained
+
+
+def test_each_epoch_uses_every_block_exactly_once_across_ranks(demo_run):
+    manifest = json.loads((demo_run["run"] / "data" / "manifest.json").read_text())
+    n_blocks = manifest["splits"]["train"]["blocks"]
+    spec = demo_run["specdict"]["train"]
+    sched = EpochSchedule(n_blocks, 2, spec["micro_batch"], spec["grad_accum"], spec["seed"])
+    per_epoch = defaultdict(list)
+    ranks_seen = set()
+    for f in demo_run["trace"].glob("blocks-rank*.txt"):
+        ranks_seen.add(f.name)
+        for line in f.read_text().splitlines():
+            step, *idx = map(int, line.split())
+            per_epoch[step // sched.steps_per_epoch].extend(idx)
+    assert ranks_seen == {"blocks-rank0.txt", "blocks-rank1.txt"}
+    assert len(per_epoch) == spec["epochs"]
+    for epoch, idx in per_epoch.items():
+        assert sorted(idx) == list(range(n_blocks)), f"epoch {epoch}"
+    assert per_epoch[0] != per_epoch[1]  # reshuffled every epoch
+
+
+def test_rerun_of_a_finished_run_does_no_work(demo_run):
+    proc = run_ftjob("run", demo_run["spec"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nothing to do" in proc.stderr and "already trained" in proc.stderr
+    assert "launching" not in proc.stderr
+
+
+@pytest.mark.parametrize("optimizer,precision,zero", [("adafactor", "bf16", 2), ("adamw", "fp32", 3),
+                                                      ("adamw", "fp32", 0)])
+def test_optimizers_precisions_and_zero_stages(demo_assets, demo_spec, tmp_path, optimizer, precision, zero):
+    path = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(tmp_path / "runs"),
+                      train__optimizer=optimizer, train__precision=precision, train__zero_stage=zero,
+                      train__max_steps=6, train__eval_every=0, train__checkpoint_every=3, train__log_every=1,
+                      train__sample_every=0, generation__max_length=12)
+    proc = run_ftjob("run", path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "demo"
+    evals = jsonl(run / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 6]
+    assert evals[-1]["loss"] < evals[0]["loss"]
+    assert (run / "checkpoints" / "step-00000006" / "COMPLETE.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

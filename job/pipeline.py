@@ -16,7 +16,7 @@ from . import errors
 from . import model as model_lib
 from . import spec as spec_lib
 from .data.prepare import prepare, read_manifest, text_source
-from .data.sqlite_source import check_source
+from .data.sqlite_source import check_rows, check_source
 from .generate import samples_from_directory, write_samples
 from .lock import RunLock
 from .paths import RunPaths
@@ -35,6 +35,7 @@ def preflight(spec: JobSpec, accelerator: str | None = None) -> dict:
     """Every check that can fail before anything is written; returns a few facts for the summary."""
     _check_output_dir(Path(spec.output_dir))
     check_source(text_source(spec))
+    check_rows(text_source(spec))
     tok = model_lib.load_tokenizer(spec.model.tokenizer or spec.model.path,
                                    "model.tokenizer" if spec.model.tokenizer else "model.path")
     config = model_lib.model_config(spec.model)
@@ -96,8 +97,10 @@ def wait_for_manifest(paths: RunPaths, timeout_s: float = 4 * 3600, poll_s: floa
 
 
 def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> int:
-    if read_manifest(paths) is None:
+    manifest = read_manifest(paths)
+    if manifest is None:
         raise errors.BadInput(f"no prepared data in {paths.data}; run `ftjob prepare` first (or `ftjob run`)")
+    _check_one_batch(spec, paths, node, manifest["splits"]["train"]["blocks"])
     if node.node_rank == 0:
         write_state(paths, stage="train", nnodes=node.nnodes, procs_per_node=node.procs_per_node,
                     accelerator=node.accelerator)
@@ -114,6 +117,18 @@ def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> int:
         return code
     write_state(paths, stage="failed", exit_code=code)
     return errors.FAILED
+
+
+def _check_one_batch(spec: JobSpec, paths: RunPaths, node: NodeInfo, blocks: int) -> None:
+    """The workers' own check, made before starting them: one error line instead of one per rank."""
+    world, mb = node.nnodes * node.procs_per_node, spec.train.micro_batch
+    if blocks < world * mb:
+        if node.node_rank == 0:  # other nodes wait for the stage to leave "prepare"
+            write_state(paths, stage="failed", exit_code=errors.BAD_INPUT)
+        raise errors.BadInput(
+            f"data: {blocks} training blocks are fewer than one batch across ranks ({world} ranks x "
+            f"train.micro_batch {mb}); add rows, or lower train.micro_batch, data.block_size or the number "
+            "of processes")
 
 
 def already_trained(paths: RunPaths, spec: JobSpec) -> bool:
@@ -207,6 +222,9 @@ def run(spec: JobSpec, restart: bool = False) -> int:
                 code = train_stage(spec, paths, node)
                 if code != errors.OK:
                     report_stage(paths)
+                    if code == errors.BAD_INPUT:  # a worker found it; its own line is in the log above
+                        raise errors.BadInput("training stopped on bad input: the workers' error is in the "
+                                              "log above")
                     return code
             generate_stage(spec, paths)
             report_stage(paths)

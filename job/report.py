@@ -18,7 +18,7 @@ from .errors import SpecError
 from .paths import RunPaths
 from .progress import format_duration
 from .runstate import read_jsonl, read_state
-from .status import FINISHED
+from .status import FINISHED, parse_time
 from .train.checkpoint import complete_checkpoints, read_marker
 
 LAST_N = 10  # speed figures average the last N metrics records (the first ones include warm-up)
@@ -32,7 +32,7 @@ def write_report(paths: RunPaths) -> Path:
     state, metrics, evals = read_state(paths), read_jsonl(paths.metrics), read_jsonl(paths.evals)
     spec = _load_spec(paths)
     name = spec.name if spec else paths.root.name
-    parts = [f"# {name}: {_outcome(state)}", "",
+    parts = [f"# {name}: {_outcome(state, (paths.samples / 'after.jsonl').exists())}", "",
              f"Run directory `{paths.root}`; report written {time.strftime('%Y-%m-%d %H:%M:%S %z')}.", "",
              *_spec_section(spec, state), *_data_section(_read_json(paths.manifest)),
              *_training_section(metrics, state), *_validation_section(evals, state),
@@ -85,10 +85,12 @@ def plot_loss(paths: RunPaths) -> Path:
 # ---------------------------------------------------------------- sections
 
 
-def _outcome(state: dict) -> str:
+def _outcome(state: dict, sampled_after: bool) -> str:
     stage = state.get("stage")
     if stage is None:
         return "not started"
+    if stage in FINISHED and sampled_after:  # `ftjob run` reports before it marks the run "done"
+        return "finished"
     where = f" at step {state.get('step')}" + (f" of {state['total_steps']}" if state.get("total_steps") else "")
     if stage in ("preempted", "diverged", "failed"):
         why = state.get("reason") or state.get("signal")
@@ -115,9 +117,15 @@ def _spec_section(spec, state: dict) -> list[str]:
             ("block size", f"{d.block_size} tokens"), ("batch", batch),
             ("learning rate", f"{t.lr:g}" + (f", {t.warmup_steps} warm-up steps" if t.warmup_steps else "")),
             ("optimizer", t.optimizer + (f", weight decay {t.weight_decay:g}" if t.weight_decay else "")),
-            ("scheduler", t.scheduler), ("precision", t.precision), ("ZeRO stage", str(t.zero_stage)),
+            ("scheduler", t.scheduler), ("precision", _precision(t.precision, state.get("accelerator"))), ("ZeRO stage", str(t.zero_stage)),
             ("length", length), ("seed", str(t.seed))]
     return ["## Spec", "", *_table(("setting", "value"), rows), ""]
+
+
+def _precision(precision: str, accelerator: str | None) -> str:
+    if precision != "auto" or accelerator is None:
+        return precision
+    return f"auto: {'fp16' if accelerator == 'cuda' else 'fp32'} on {accelerator}"
 
 
 def _data_section(m: dict | None) -> list[str]:
@@ -148,8 +156,11 @@ def _training_section(metrics: list[dict], state: dict) -> list[str]:
             ("epochs", f"{last.get('epoch', 0):.2f}"), ("tokens", f"{last.get('tokens', 0):,}"),
             ("training loss", f"{_fmt(first.get('loss'), '.4f')} at step {first['step']} -> "
                               f"{_fmt(last.get('loss'), '.4f')} at step {last['step']}"),
-            ("wall time", format_duration(_wall_seconds(metrics))),
+            ("wall time, training", format_duration(_wall_seconds(metrics))),
             (f"tokens/s (mean of last {len(recent)} logs)", f"{_mean(recent, 'tokens_per_s'):,.0f}")]
+    started, updated = parse_time(state.get("started")), parse_time(state.get("updated"))
+    if started and updated:
+        rows.append(("wall time, whole job", format_duration(updated - started)))
     if any(r.get("mfu") is not None for r in recent):
         rows.append(("MFU (per device)", f"{100 * _mean(recent, 'mfu'):.1f}%"))
     if any(r.get("peak_mem_gib") is not None for r in metrics):

@@ -175,7 +175,7 @@ CASES = [
                  id="block-size-beyond-positions"),
     pytest.param(Case("run", ("model.path", "directory not found", "/models/gpt2-nope"),
                       spec={"model.path": "/models/gpt2-nope"}), id="model-path-missing"),
-    pytest.param(Case("run", ("model.path", "no usable tokenizer", "model-no-tokenizer"),
+    pytest.param(Case("run", ("model.path", "no tokenizer files", "model-no-tokenizer"),
                       setup=model_without_tokenizer), id="model-without-tokenizer"),
     # --- output, generation, precision
     pytest.param(Case("run", ("output_dir", "a-file", "is a file"), setup=output_dir_below_a_file),
@@ -280,17 +280,19 @@ def test_locked_database(demo_assets, demo_spec, tmp_path):
     volume = make_volume(tmp_path)
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(with_changes(demo_spec, {"output_dir": str(volume), "data.database": str(db)})))
+    # Hash before taking the lock and after giving it back: closing any descriptor of the file in this
+    # process would drop the lock (POSIX locks belong to the process, not the connection).
+    before = tree(volume, db)
     holder = sqlite3.connect(db, isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")
-        before = tree(volume, db)
         t0 = time.monotonic()
         proc = run_ftjob("run", spec_path, timeout=120)
         took = time.monotonic() - t0
-        after = tree(volume, db)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+    after = tree(volume, db)
     assert_clean_error(proc, ("data.database", "busy.sqlite", "database is locked", "another process"))
     assert after == before
     assert took < 30, f"took {took:.0f}s"

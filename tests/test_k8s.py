@@ -583,7 +583,7 @@ def test_spec_in_configmap_passes_ftjob_validate(rendered, tmp_path, request):
 # Small enough for two CPU processes in well under a minute, after the one-off DeepSpeed shm op build.
 CPU_SIZES = ["--set", "resources.accelerator=cpu", "--set", "train.max_steps=2", "--set", "train.micro_batch=2",
              "--set", "train.grad_accum=1", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=1",
-             "--set", "data.block_size=32", "--set", "data.workers=1", "--set", "generation.max_length=12"]
+             "--set", "data.block_size=32", "--set", "data.workers=1"]
 
 
 def _free_port() -> int:
@@ -620,5 +620,8 @@ def test_multinode_manifest_env_runs_as_a_local_process(tmp_path, request):
     objects = render(K8S / "multinode")
     env = env_of(job_container(objects), completion_index=0)
     assert env["NODE_RANK"] == "0"
-    _run_manifest_locally(objects, tmp_path, request,
-                          {"NNODES": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    port = str(_free_port())
+    _, log = _run_manifest_locally(objects, tmp_path, request,
+                                   {"NNODES": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+    # The port exists only in the env, so seeing it in the launch line shows the env was read.
+    assert re.search(rf"\b{port}\b", log), f"MASTER_PORT={port} from the env did not reach the launcher\n{log}"

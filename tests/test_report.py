@@ -17,13 +17,13 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
-def write_spec(paths: RunPaths, database="/data/wikibooks.sqlite"):
+def write_spec(paths: RunPaths, precision="fp32"):
     spec = spec_lib.from_dict({
         "name": paths.root.name, "output_dir": str(paths.root.parent),
-        "data": {"database": database, "table": "ru", "text_column": "body_text", "limit": 3300, "block_size": 64},
+        "data": {"database": "/data/wikibooks.sqlite", "table": "ru", "text_column": "body_text", "limit": 3300, "block_size": 64},
         "model": {"path": "/models/rugpt3small"},
         "train": {"epochs": 2, "micro_batch": 4, "grad_accum": 2, "lr": 3e-4, "optimizer": "adamw",
-                  "scheduler": "cosine", "precision": "fp32", "zero_stage": 1},
+                  "scheduler": "cosine", "precision": precision, "zero_stage": 1},
         "generation": {"prompts": ["женщина", "a | b"]}})
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.spec.write_text(spec_lib.dump(spec), encoding="utf-8")
@@ -79,7 +79,8 @@ def finished_run(tmp_path):
                               {"step": 50, "loss": 2.9, "perplexity": 18.17, "blocks": 4689, "tokens": 51200},
                               {"step": 100, "loss": 2.5123, "perplexity": 12.33, "blocks": 4689, "tokens": 102400}])
     paths.state.write_text(json.dumps({"stage": "done", "step": 100, "total_steps": 100, "epoch": 2.0,
-                                       "world_size": 2, "updated": "2024-05-01T12:10:00+0000"}))
+                                       "world_size": 2, "accelerator": "cuda", "started": "2024-05-01T11:49:00+0000",
+                                       "updated": "2024-05-01T12:10:00+0000"}))
     write_checkpoint(paths, 50)
     write_checkpoint(paths, 100)
     write_checkpoint(paths, 150, complete=False)  # torn: no marker, must not be listed
@@ -131,7 +132,8 @@ def test_report_holds_the_figures_from_the_files(finished_run):
     # training
     assert "| steps | 100 of 100 |" in text and "| tokens | 102,400 |" in text
     assert "3.8500 at step 10 -> 2.5000 at step 100" in text
-    assert "| wall time | 1:40 |" in text  # 90 s between first and last record + 10.24 s first window
+    assert "| wall time, training | 1:40 |" in text  # 90 s between first and last record + 10.24 s first window
+    assert "| wall time, whole job | 21:00 |" in text
     assert "| tokens/s (mean of last 10 logs) | 1,004 |" in text
     assert "| MFU (per device) | 12.0% |" in text and "| peak GPU memory | 3.59 GiB |" in text
     # validation before / after
@@ -164,19 +166,21 @@ def test_report_of_a_run_still_preparing(tmp_path):
 
 def test_report_mid_training_uses_latest_eval_and_step_samples(tmp_path):
     paths = RunPaths(tmp_path / "mid")
-    write_spec(paths)
+    write_spec(paths, precision="auto")
     write_manifest(paths)
     write_metrics(paths, last_step=40)
     with open(paths.metrics, "a") as f:
         f.write('{"step": 50, "loss": 3.')  # a line cut short by a kill
     write_jsonl(paths.evals, [{"step": 0, "loss": 3.5, "perplexity": 33.12, "blocks": 10, "tokens": 0}])
-    paths.state.write_text(json.dumps({"stage": "train", "step": 40, "total_steps": 100, "world_size": 2}))
+    paths.state.write_text(json.dumps({"stage": "train", "step": 40, "total_steps": 100, "world_size": 2,
+                                       "accelerator": "cpu"}))
     write_jsonl(paths.samples / "before.jsonl", samples(0, {"женщина": ["до"]}))
     write_jsonl(paths.samples / "step-00000020.jsonl", samples(20, {"женщина": ["в середине"]}))
     text = write_report(paths).read_text(encoding="utf-8")
     assert text.startswith("# mid: in progress (train at step 40 of 100)")
     assert "| before training | 0 | 3.5000 | 33.12 |" in text and "change" not in text
     assert "| prompt | before | step 20 |" in text and "| женщина | до | в середине |" in text
+    assert "| precision | auto: fp32 on cpu |" in text
     assert "MFU" not in text and "peak GPU memory" not in text
     assert loss_series(paths)["train"][0] == [10, 20, 30, 40]
 
@@ -188,3 +192,13 @@ def test_report_names_why_a_run_stopped(tmp_path):
                                        "reason": "loss became nan near step 70"}))
     text = write_report(paths).read_text(encoding="utf-8")
     assert text.startswith("# bad: diverged at step 70 of 100 (loss became nan near step 70)")
+
+
+def test_report_written_before_the_run_is_marked_done_says_finished(finished_run):
+    state = json.loads(finished_run.state.read_text())
+    finished_run.state.write_text(json.dumps(state | {"stage": "generate"}))  # as `ftjob run` leaves it
+    assert write_report(finished_run).read_text(encoding="utf-8").startswith("# demo: finished\n")
+    (finished_run.samples / "after.jsonl").unlink()
+    text = write_report(finished_run).read_text(encoding="utf-8")
+    assert text.startswith("# demo: finished training, generating samples\n")
+    assert "| prompt | before | after |" in text and "| женщина | женщина qz xv | - |" in text

@@ -78,6 +78,24 @@ def check_source(src: TextSource) -> None:
         conn.close()
 
 
+def check_rows(src: TextSource, sample_rows: int = 1000) -> None:
+    """Read the first rows as prepare will, so that a column of numbers or BLOBs, text that is not UTF-8
+    or a table with nothing usable in it fails before anything is written. Past the sample it reads on
+    only until one usable text turns up (a table without any is read to its end, as prepare would)."""
+    texts = iter_texts(src)
+    rows, usable = 0, False
+    try:
+        for text in texts:
+            rows += 1
+            usable = usable or bool(text and text.strip())  # what prepare keeps
+            if usable and rows >= sample_rows:
+                return
+    finally:
+        texts.close()
+    if not usable:
+        raise DataError(f"data: no usable rows in {src.describe()} ({rows} read, all NULL, empty or whitespace)")
+
+
 def _check_table_column(conn: sqlite3.Connection, table: str, column: str) -> None:
     tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
     if table not in tables:
@@ -99,6 +117,9 @@ def _check_query(conn: sqlite3.Connection, query: str) -> None:
         raise DataError("data.query: must be a read-only SELECT (or WITH ... SELECT) statement")
     conn.set_authorizer(_deny_writes)
     try:
+        # EXPLAIN compiles the query as written (a WITH ... DELETE included) without running it, so the
+        # authorizer sees what it would do; the wrapped form below only accepts a SELECT.
+        conn.execute(f"EXPLAIN {q}")
         cur = conn.execute(f"SELECT * FROM ({q}) LIMIT 0")
     except sqlite3.DatabaseError as e:
         if "not authorized" in str(e):

@@ -224,6 +224,9 @@ class Trainer:
         if self.all_agree_to_stop():
             return self.preempted(save=self.step > 0)
 
+        # from_pretrained returns a model in eval mode; without this a resumed run (which skips the
+        # step-0 evaluation that ends in train()) would train with dropout off.
+        self.engine.train()
         window_loss = torch.zeros((), device=self.device)
         window_bad = torch.zeros((), device=self.device)
         window_steps, window_start, skipped_in_row = 0, time.perf_counter(), 0

@@ -1,0 +1,193 @@
+"""Preemption and resume, for real: SIGTERM to `ftjob run` (as Kubernetes or the launcher sends it),
+a kill -9 in the middle of a checkpoint write, a signal during the first step and during evaluation,
+and a second job on a live run directory. Two CPU workers through the real deepspeed launcher."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ftjob_command, run_ftjob, write_spec
+from job import errors
+
+pytestmark = pytest.mark.slow
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def state(run: Path) -> dict:
+    try:
+        return json.loads((run / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def start(spec: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(ftjob_command() + ["run", str(spec)], env=dict(os.environ, **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(predicate, timeout=120, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "model.safetensors")
+
+
+def resume_spec(tmp: Path, demo_spec: dict, name: str, **extra) -> Path:
+    # fp32 and the model's own dropout (0.1): exactness needs the RNG states restored, not just weights.
+    settings = dict(output_dir=str(tmp / "runs"), name=name, train__precision="fp32", train__max_steps=40,
+                    train__log_every=1, train__eval_every=0, train__sample_every=0, train__checkpoint_every=1000,
+                    generation__max_length=12)
+    settings.update(extra)
+    return write_spec(tmp / f"{name}.yaml", demo_spec, **settings)
+
+
+@pytest.fixture(scope="module")
+def reference(demo_assets, tmp_path_factory):
+    """The uninterrupted run every interrupted one is compared with."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("reference")
+    spec = resume_spec(tmp, yaml.safe_load(demo_assets.spec.read_text()), "ref")
+    trace = tmp / "trace"
+    trace.mkdir()
+    proc = run_ftjob("run", spec, env={"FTJOB_TRACE_BLOCKS": str(trace)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp / "runs" / "ref"
+    return {"metrics": jsonl(run / "metrics.jsonl"), "weights": final_weights(run),
+            "trace": {f.name: f.read_text() for f in trace.iterdir()}}
+
+
+def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, demo_spec, tmp_path):
+    spec = resume_spec(tmp_path, demo_spec, "interrupted")
+    run = tmp_path / "runs" / "interrupted"
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    env = {"FTJOB_TRACE_BLOCKS": str(trace), "FTJOB_DEBUG": "delay_step=0.05"}
+    proc = start(spec, env)
+    wait_until(lambda: any(m["step"] >= 7 for m in jsonl(run / "metrics.jsonl")), what="step 7")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == errors.PREEMPTED, err[-3000:]
+    stopped = state(run)["step"]
+    assert 7 <= stopped < 16, "the signal should land inside the first epoch (16 steps)"
+    ckpt = run / "checkpoints" / f"step-{stopped:08d}"
+    marker = json.loads((ckpt / "COMPLETE.json").read_text())
+    assert marker["step"] == stopped and marker["tokens"] > 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
+
+    proc = run_ftjob("run", spec, env={"FTJOB_TRACE_BLOCKS": str(trace)})  # no flag: resumes by itself
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {ckpt}" in proc.stderr
+
+    # Same per-step losses, same blocks at every step, same final weights.
+    ref_losses = [(m["step"], m["loss"]) for m in reference["metrics"]]
+    got_losses = [(m["step"], m["loss"]) for m in jsonl(run / "metrics.jsonl")]
+    assert [s for s, _ in got_losses] == [s for s, _ in ref_losses]
+    for (s, a), (_, b) in zip(got_losses, ref_losses):
+        assert abs(a - b) <= 1e-6, f"step {s}: {a} vs {b}"
+    assert {f.name: f.read_text() for f in trace.iterdir()} == reference["trace"]
+    got = final_weights(run)
+    worst = max((got[k] - reference["weights"][k]).abs().max().item() for k in got)
+    assert worst <= 1e-6, f"final weights differ by {worst}"
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(demo_spec, tmp_path):
+    spec = resume_spec(tmp_path, demo_spec, "killed", train__max_steps=12, train__checkpoint_every=4)
+    run = tmp_path / "runs" / "killed"
+    proc = run_ftjob("run", spec, env={"FTJOB_DEBUG": "kill_in_save=8"})
+    assert proc.returncode not in (0, errors.PREEMPTED)
+    ckpts = run / "checkpoints"
+    assert (ckpts / ".tmp-step-00000008").exists() and not (ckpts / ".tmp-step-00000008" / "COMPLETE.json").exists()
+    assert not (ckpts / "step-00000008").exists()
+    assert (ckpts / "latest").read_text().strip() == "step-00000004"
+    from job.train.checkpoint import newest_complete
+
+    assert newest_complete(ckpts).name == "step-00000004"
+
+    proc = run_ftjob("run", spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step-00000004" in proc.stderr
+    assert [m["step"] for m in jsonl(run / "metrics.jsonl")] == list(range(1, 13))
+    assert not (ckpts / ".tmp-step-00000008").exists()  # torn attempt cleaned once a newer one completed
+
+
+@pytest.mark.parametrize("where", ["first_step", "evaluation"])
+def test_sigterm_during_first_step_or_evaluation(demo_spec, tmp_path, where):
+    if where == "first_step":
+        spec = resume_spec(tmp_path, demo_spec, where, train__max_steps=4)
+        env = {"FTJOB_DEBUG": "delay_step=1.5"}
+        ready = lambda: state(run).get("stage") == "train" and state(run).get("step") == 0  # noqa: E731
+        expected_step = 1
+    else:
+        spec = resume_spec(tmp_path, demo_spec, where, train__max_steps=6, train__eval_every=3)
+        env = {"FTJOB_DEBUG": "delay_eval=2"}
+        ready = lambda: state(run).get("stage") == "eval" and state(run).get("step") == 3  # noqa: E731
+        expected_step = 3
+    run = tmp_path / "runs" / where
+    proc = start(spec, env)
+    wait_until(ready, what=where)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == errors.PREEMPTED, err[-3000:]
+    assert (run / "checkpoints" / f"step-{expected_step:08d}" / "COMPLETE.json").exists()
+    proc = run_ftjob("run", spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [m["step"] for m in jsonl(run / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == (4 if where == "first_step" else 6)
+
+
+def test_a_second_job_on_a_live_run_directory_is_refused(demo_spec, tmp_path):
+    spec = resume_spec(tmp_path, demo_spec, "locked", train__max_steps=2)
+    run = tmp_path / "runs" / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from job.lock import RunLock; from job.paths import RunPaths\n"
+        f"RunLock(RunPaths(Path({str(run)!r}))).acquire(); print('held', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    proc = run_ftjob("run", spec)
+    assert proc.returncode == errors.LOCKED
+    assert f"pid {holder.pid}" in proc.stderr and "Traceback" not in proc.stderr
+    holder.kill()  # a dead holder does not keep the lock
+    holder.wait()
+    proc = run_ftjob("run", spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_restart_moves_the_old_run_aside(demo_spec, tmp_path):
+    spec = resume_spec(tmp_path, demo_spec, "again", train__max_steps=2)
+    assert run_ftjob("run", spec).returncode == 0
+    old_weights = final_weights(tmp_path / "runs" / "again")
+    proc = run_ftjob("run", spec, "--restart")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    aside = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("again.old-")]
+    assert len(aside) == 1
+    kept = final_weights(aside[0])
+    assert all(torch.equal(kept[k], old_weights[k]) for k in kept)
+    assert jsonl(tmp_path / "runs" / "again" / "eval.jsonl")[0]["step"] == 0
+
+
+def test_divergence_stops_with_a_clear_message(demo_spec, tmp_path):
+    spec = resume_spec(tmp_path, demo_spec, "diverge", train__max_steps=30, train__lr=1.0e6, train__grad_clip=0.0,
+                       train__checkpoint_every=2, train__warmup_steps=0)
+    proc = run_ftjob("run", spec)
+    assert proc.returncode == errors.DIVERGED, proc.stderr[-3000:]
+    assert "training diverged" in proc.stderr and "Last good checkpoint" in proc.stderr

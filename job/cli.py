@@ -69,7 +69,6 @@ def _load(args):
 
 
 def dispatch(args) -> int:
-    from . import pipeline
     from .paths import RunPaths
 
     if args.command == "demo-assets":
@@ -84,11 +83,14 @@ def dispatch(args) -> int:
         print(status_text(args.run_dir))
         return errors.OK
     if args.command == "report":
-        path = pipeline.report_stage(RunPaths(args.run_dir))
-        print(path)
+        from .report import write_report
+
+        print(write_report(RunPaths(args.run_dir)))
         return errors.OK
 
-    spec = _load(args)
+    spec = _load(args)  # before the heavy imports below: a spec error answers in a fraction of a second
+    from . import pipeline
+
     paths = RunPaths(spec.run_dir)
     if args.command == "validate":
         facts = pipeline.preflight(spec)

@@ -23,9 +23,12 @@ def generate_samples(model, tokenizer, gen: GenerationSpec, device=None, synced_
     for i, prompt in enumerate(gen.prompts):
         torch.manual_seed(gen.seed + i)
         enc = tokenizer(prompt, return_tensors="pt").to(device)
+        # max_length counts the prompt (as in the original run); a prompt longer than that still gets
+        # a few new tokens rather than an error after hours of training.
+        max_length = max(gen.max_length, enc["input_ids"].shape[1] + 8)
         out = model.generate(**enc, do_sample=gen.do_sample, num_beams=gen.num_beams,
                              temperature=gen.temperature if gen.do_sample else None,
-                             top_p=gen.top_p if gen.do_sample else None, max_length=gen.max_length,
+                             top_p=gen.top_p if gen.do_sample else None, max_length=max_length,
                              num_return_sequences=gen.num_return_sequences, pad_token_id=pad,
                              synced_gpus=synced_gpus)
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)

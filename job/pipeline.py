@@ -82,6 +82,8 @@ def wait_for_manifest(paths: RunPaths, timeout_s: float = 4 * 3600, poll_s: floa
     while True:
         manifest = read_manifest(paths)
         state = read_state(paths)
+        if state.get("stage") == "failed":
+            raise errors.JobError(f"node 0 failed ({state.get('error', 'see its log')}); not starting this node")
         if manifest and state.get("stage") != "prepare":
             return manifest
         if time.monotonic() - start > timeout_s:
@@ -113,7 +115,9 @@ def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> int:
         # The launcher exits 1 when it is signalled, whatever the workers did: the state file says
         # whether they got to write their checkpoint.
         return errors.PREEMPTED
-    if code in (errors.BAD_INPUT, errors.DIVERGED, errors.PREEMPTED, errors.LOCKED):
+    if code == errors.BAD_INPUT:  # a worker found it; its own line is in the log above
+        raise errors.BadInput("training stopped on bad input: the workers' error is in the log above")
+    if code in (errors.DIVERGED, errors.PREEMPTED, errors.LOCKED):
         return code
     write_state(paths, stage="failed", exit_code=code)
     return errors.FAILED
@@ -156,11 +160,9 @@ def generate_stage(spec: JobSpec, paths: RunPaths, model_dir: Path | None = None
     return path
 
 
-def report_stage(paths: RunPaths) -> Path | None:
-    try:
-        from .report import write_report
-    except ImportError:  # pragma: no cover - report module is optional while it is being written
-        return None
+def report_stage(paths: RunPaths) -> Path:
+    from .report import write_report
+
     path = write_report(paths)
     log.info("report: %s", path)
     return path
@@ -222,16 +224,19 @@ def run(spec: JobSpec, restart: bool = False) -> int:
                 code = train_stage(spec, paths, node)
                 if code != errors.OK:
                     report_stage(paths)
-                    if code == errors.BAD_INPUT:  # a worker found it; its own line is in the log above
-                        raise errors.BadInput("training stopped on bad input: the workers' error is in the "
-                                              "log above")
                     return code
             generate_stage(spec, paths)
-            report_stage(paths)
             write_state(paths, stage="done")
+            report_stage(paths)
             log.info("done: %s", paths.root)
             return errors.OK
     except _Interrupted as e:
         log.info("received %s between stages; exiting %d, run again to resume", e, errors.PREEMPTED)
-        write_state(paths, stage="preempted") if paths.root.exists() else None
+        if paths.root.exists():
+            write_state(paths, stage="preempted")
         return errors.PREEMPTED
+    except errors.JobError as e:
+        # Other nodes poll the state: tell them to stop waiting for this node's data.
+        if node.node_rank == 0 and paths.spec.exists() and read_state(paths).get("stage") not in ("failed",):
+            write_state(paths, stage="failed", exit_code=e.exit_code, error=str(e))
+        raise

@@ -130,32 +130,25 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(demo_sp
     assert not (ckpts / ".tmp-step-00000008").exists()  # torn attempt cleaned once a newer one completed
 
 
-@pytest.mark.parametrize("where", ["first_step", "evaluation"])
-def test_sigterm_during_first_step_or_evaluation(demo_spec, tmp_path, where):
-    if where == "first_step":
-        spec = resume_spec(tmp_path, demo_spec, where, train__max_steps=4)
-        env = {"FTJOB_DEBUG": "delay_step=1.5"}
-        ready = lambda: state(run).get("stage") == "train" and state(run).get("step") == 0  # noqa: E731
-        expected_step = 1
-    else:
-        spec = resume_spec(tmp_path, demo_spec, where, train__max_steps=6, train__eval_every=3)
-        env = {"FTJOB_DEBUG": "delay_eval=2"}
-        ready = lambda: state(run).get("stage") == "eval" and state(run).get("step") == 3  # noqa: E731
-        expected_step = 3
-    run = tmp_path / "runs" / where
-    proc = start(spec, env)
-    wait_until(ready, what=where)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == errors.PREEMPTED, err[-3000:]
-    assert (run / "checkpoints" / f"step-{expected_step:08d}" / "COMPLETE.json").exists()
+def test_sigterm_during_the_first_step_and_during_evaluation(demo_spec, tmp_path):
+    spec = resume_spec(tmp_path, demo_spec, "signals", train__max_steps=6, train__eval_every=3)
+    run = tmp_path / "runs" / "signals"
+    # Attempt 1: the signal lands inside step 1 (each micro-step is slowed down), stops after it.
+    # Attempt 2: it lands during the evaluation at step 3, which finishes; the checkpoint is step 3.
+    for debug, where, expected in [("delay_step=1.5", ("train", 0), 1), ("delay_eval=2", ("eval", 3), 3)]:
+        proc = start(spec, {"FTJOB_DEBUG": debug})
+        wait_until(lambda: (state(run).get("stage"), state(run).get("step")) == where, what=str(where))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == errors.PREEMPTED, err[-3000:]
+        assert (run / "checkpoints" / f"step-{expected:08d}" / "COMPLETE.json").exists()
     proc = run_ftjob("run", spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    steps = [m["step"] for m in jsonl(run / "metrics.jsonl")]
-    assert steps == sorted(set(steps)) and steps[-1] == (4 if where == "first_step" else 6)
+    assert [m["step"] for m in jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in jsonl(run / "eval.jsonl")] == [0, 3, 6]
 
 
-def test_a_second_job_on_a_live_run_directory_is_refused(demo_spec, tmp_path):
+def test_one_writer_per_run_directory_and_restart_moves_the_old_run_aside(demo_spec, tmp_path):
     spec = resume_spec(tmp_path, demo_spec, "locked", train__max_steps=2)
     run = tmp_path / "runs" / "locked"
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -171,18 +164,14 @@ def test_a_second_job_on_a_live_run_directory_is_refused(demo_spec, tmp_path):
     proc = run_ftjob("run", spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-
-def test_restart_moves_the_old_run_aside(demo_spec, tmp_path):
-    spec = resume_spec(tmp_path, demo_spec, "again", train__max_steps=2)
-    assert run_ftjob("run", spec).returncode == 0
-    old_weights = final_weights(tmp_path / "runs" / "again")
+    old_weights = final_weights(run)
     proc = run_ftjob("run", spec, "--restart")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    aside = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("again.old-")]
+    aside = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("locked.old-")]
     assert len(aside) == 1
     kept = final_weights(aside[0])
     assert all(torch.equal(kept[k], old_weights[k]) for k in kept)
-    assert jsonl(tmp_path / "runs" / "again" / "eval.jsonl")[0]["step"] == 0
+    assert jsonl(run / "eval.jsonl")[0]["step"] == 0
 
 
 def test_divergence_stops_with_a_clear_message(demo_spec, tmp_path):

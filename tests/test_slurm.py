@@ -45,9 +45,10 @@ def slurm(tmp_path_factory):
         yield cluster
 
 
-def node_args(slurm: LocalSlurm) -> list[str]:
-    """What a user of this GPU-less test node adds to override the scripts' #SBATCH GPU/CPU lines."""
-    return ["--gpus-per-node=0", f"--cpus-per-task={slurm.cpus}"]
+def node_args(slurm: LocalSlurm, script: Path = SINGLE) -> list[str]:
+    """What a user of this one GPU-less test node adds to override the scripts' #SBATCH lines."""
+    nodes = ["--nodes=1"] if script == MULTI else []  # the multi-node script asks for 2 by default
+    return [*nodes, "--gpus-per-node=0", f"--cpus-per-task={slurm.cpus}"]
 
 
 def wait_for(predicate, timeout: float, what: str, slurm: LocalSlurm | None = None, poll: float = 0.2):
@@ -200,7 +201,7 @@ def test_script_passes_arguments_and_rendezvous_variables(slurm, tmp_path, scrip
     spec = tmp_path / "my spec.yaml"  # a space, to catch word splitting
     extra = ["--set", "generation.prompts=[a b, c]", "--set", "train.max_steps=3"]
     job = slurm.sbatch(script, str(spec), *extra, env=env,
-                       sbatch_args=[f"--chdir={tmp_path}", *node_args(slurm)])
+                       sbatch_args=[f"--chdir={tmp_path}", *node_args(slurm, script)])
     log = tmp_path / f"ftjob-{job}.out"
     assert slurm.wait_job(job, timeout=60) == "COMPLETED", read(log)
     assert slurm.job_field(job, "ExitCode") == "0:0"
@@ -216,7 +217,7 @@ def test_script_passes_arguments_and_rendezvous_variables(slurm, tmp_path, scrip
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_requeues_on_exit_75_and_the_next_attempt_runs(slurm, tmp_path, script):
     env, record = fake_ftjob(tmp_path, "preempt")
-    job = slurm.sbatch(script, "spec.yaml", env=env, sbatch_args=[f"--chdir={tmp_path}", *node_args(slurm)])
+    job = slurm.sbatch(script, "spec.yaml", env=env, sbatch_args=[f"--chdir={tmp_path}", *node_args(slurm, script)])
     log = tmp_path / f"ftjob-{job}.out"
     wait_for(lambda: (record / "running").exists(), 60, "the stand-in to start", slurm)
     slurm.signal_batch(job, "USR1")  # what --signal=B:USR1@120 does near the time limit
@@ -300,7 +301,7 @@ def test_preempted_demo_is_requeued_and_resumes_from_its_checkpoint(slurm, demo_
         "--set", f"train.max_steps={max_steps}", "--set", "train.log_every=1",
         # Only the preemption writes a checkpoint before the end, so the one we find is that one.
         "--set", "train.checkpoint_every=100000", "--set", "train.eval_every=0", "--set", "train.sample_every=0",
-        env=job_env(), sbatch_args=[f"--chdir={tmp_path}", *node_args(slurm)],
+        env=job_env(), sbatch_args=[f"--chdir={tmp_path}", *node_args(slurm, script)],
     )
     log = tmp_path / f"ftjob-{job}.out"
 

@@ -50,7 +50,7 @@ def connect_readonly(database: str) -> sqlite3.Connection:
     if header != b"SQLite format 3\x00":
         raise DataError(f"data.database: {database} is not a SQLite database (bad file header)")
     try:
-        conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=10)
+        conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=3)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as e:
         raise DataError(f"data.database: cannot open {database}: {_explain(e)}") from None

@@ -27,6 +27,7 @@ from ..data.prepare import open_split, read_manifest
 from ..generate import generate_samples, write_samples
 from ..paths import RunPaths
 from ..progress import Progress, setup_logging
+from ..report import write_report
 from ..runstate import append_jsonl, truncate_jsonl, write_state
 from . import checkpoint, export
 from .setup import build_optimizer, build_scheduler, deepspeed_config, resolve_precision
@@ -189,6 +190,7 @@ class Trainer:
             if self.tb:
                 self.tb.add_scalar("eval/loss", loss, self.step)
                 self.tb.add_scalar("eval/perplexity", record["perplexity"], self.step)
+            write_report(self.paths)  # a readable report.md + loss.png after every evaluation
         return record
 
     def samples(self, name: str):

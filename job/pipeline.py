@@ -75,7 +75,7 @@ def prepare_stage(spec: JobSpec, paths: RunPaths, force: bool = False) -> dict:
     return prepare(spec, paths, force=force, interval_s=spec.report.log_interval_s)
 
 
-def wait_for_manifest(paths: RunPaths, timeout_s: float = 4 * 3600, poll_s: float = 5.0) -> dict:
+def wait_for_manifest(paths: RunPaths, timeout_s: float = 4 * 3600, poll_s: float = 2.0) -> dict:
     """Nodes other than rank 0 wait for rank 0's data (shared volume) instead of preparing it again."""
     start = time.monotonic()
     last_note = 0.0

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md and loss.png for a run directory")
     p.add_argument("run_dir", type=Path)
 
+    sub.add_parser("bench", help="training-step and data-path benchmark (see `ftjob bench --help`)",
+                   add_help=False)
+
     p = sub.add_parser("demo-assets", help="write the offline demo database and tiny model")
     p.add_argument("directory", type=Path)
     p.add_argument("--rows", type=int, default=600)
@@ -135,6 +138,11 @@ def main(argv=None) -> None:
     from .progress import setup_logging
 
     setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: it is a tool for engineers, not a job stage
+        from .bench import main as bench_main
+
+        sys.exit(bench_main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         code = dispatch(args)

@@ -7,6 +7,7 @@ the texts stay on disk: memory holds one offset per document, not the documents.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -197,15 +198,15 @@ def tokenise_shard(shard: dict, tok_name: str, separator: list[int], block_size:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per shard already uses every core
     tok = model_lib.load_tokenizer(tok_name)
     build = Path(shard["build"])
-    pieces, batch, n_tokens = [], [], 0
-    sep = np.asarray(separator, dtype=np.int64)
+    # The Rust tokenizer directly: skips the Python BatchEncoding wrapper, and encode_batch_fast skips
+    # character offsets we never use (about 30% faster than tok(batch) on one core).
+    backend = tok.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    pieces, batch = [], []
 
     def flush():
-        nonlocal n_tokens
-        for ids in tok(batch, add_special_tokens=False)["input_ids"]:
-            pieces.append(np.asarray(ids, dtype=np.int64))
-            pieces.append(sep)
-            n_tokens += len(ids) + len(sep)
+        encodings = encode(batch, add_special_tokens=False)
+        pieces.append(np.fromiter(itertools.chain.from_iterable(e.ids + separator for e in encodings), np.int64))
         batch.clear()
 
     with open(build / shard["text"], encoding="utf-8") as f:
@@ -216,7 +217,8 @@ def tokenise_shard(shard: dict, tok_name: str, separator: list[int], block_size:
     if batch:
         flush()
     stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-    n_blocks = len(stream) // block_size
+    n_tokens = len(stream)
+    n_blocks = n_tokens // block_size
     blocks = stream[: n_blocks * block_size].astype(dtype).reshape(n_blocks, block_size)
     rel = shard["text"].replace("text/", "tokens/").replace(".jsonl", ".bin")
     write_token_shard(build / rel, blocks)

@@ -1,0 +1,298 @@
+"""`ftjob bench`: the job's own training step beside the HF Trainer baseline, and the data path beside a
+straightforward pandas + per-document tokenizer baseline, on one machine in one run.
+
+Each training variant runs in a fresh subprocess (its own CUDA context and compile caches) and prints one
+`RESULT {json}` line; the parent prints a table. `--tiny` uses a 2-layer model so CI keeps the script
+working on CPU; speed is never asserted. On a GPU, run without --tiny for the ruGPT3small shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RUGPT3SMALL = dict(vocab_size=50264, n_positions=2048, n_embd=768, n_layer=12, n_head=12)
+TINY = dict(vocab_size=1000, n_positions=1024, n_embd=64, n_layer=2, n_head=4)
+PEAK_FLOPS = 989e12  # H100 SXM dense fp16/bf16
+
+# name -> (block, micro_batch, grad_accum, optimizer, extra spec.train settings)
+TRAIN_VARIANTS = {
+    "ftjob_b64": (64, 128, 1, "adamw", {}),
+    "ftjob_b64_compile": (64, 128, 1, "adamw", {"compile": True}),
+    "ftjob_b64_zero0": (64, 128, 1, "adamw", {"zero_stage": 0}),
+    "ftjob_original": (64, 64, 2, "adafactor", {}),
+    "ftjob_b1024": (1024, 8, 1, "adamw", {}),
+    "hf_trainer_original": (64, 64, 2, "adafactor", {}),
+}
+
+
+def flops_per_token(shape: dict, n_params: int, block: int) -> float:
+    return 6 * n_params + 12 * shape["n_layer"] * shape["n_embd"] * block
+
+
+# ------------------------------------------------------------------ training variants (one per process)
+
+
+def _synthetic_run_dir(root: Path, shape: dict, block: int, micro: int, accum: int, optimizer: str,
+                       train_extra: dict, steps: int) -> Path:
+    """A run directory as `ftjob prepare` leaves it, holding random tokens: the Trainer reads it as is."""
+    import yaml
+
+    from .data.shards import token_dtype, write_token_shard
+    from .demo import write_demo_assets
+
+    assets = write_demo_assets(root / "assets", n_rows=200)
+    run = root / "runs" / "bench"
+    (run / "data" / "tokens").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n_blocks = micro * accum * (steps + 2)
+    splits = {}
+    for split, n in (("train", n_blocks), ("valid", micro)):
+        blocks = rng.integers(0, shape["vocab_size"], (n, block)).astype(token_dtype(shape["vocab_size"]))
+        write_token_shard(run / "data" / "tokens" / f"{split}-00000.bin", blocks)
+        splits[split] = {"blocks": n, "shards": [{"tokens": f"tokens/{split}-00000.bin"}]}
+    manifest = {"block_size": block, "tokenizer": {"vocab_size": shape["vocab_size"]}, "splits": splits}
+    (run / "data" / "manifest.json").write_text(json.dumps(manifest))
+    cuda = _cuda()
+    spec = {"name": "bench", "output_dir": str(root / "runs"),
+            "data": {"database": str(assets["database"]), "table": "en", "block_size": block},
+            "model": {"path": str(assets["model"]), "from_config": shape},
+            "train": {"max_steps": steps, "micro_batch": micro, "grad_accum": accum, "optimizer": optimizer,
+                      "precision": "fp16" if cuda else "fp32", "eval_every": 0, "log_every": 10**6,
+                      "checkpoint_every": 10**6, "lr": 2e-4, **train_extra},
+            "resources": {"procs_per_node": 1}}
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return run
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_ftjob_variant(name: str, tiny: bool, warmup: int, steps: int) -> dict:
+    """Times Trainer.train_step, the code `ftjob train` runs per optimizer step, engine included."""
+    import torch
+
+    from .paths import RunPaths
+    from .train.worker import Trainer
+
+    block, micro, accum, optimizer, extra = TRAIN_VARIANTS[name]
+    if tiny:
+        micro = max(1, micro // 16)
+    shape = TINY if tiny else RUGPT3SMALL
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _synthetic_run_dir(Path(tmp), shape, block, micro, accum, optimizer, extra, warmup + steps)
+        t0 = time.perf_counter()
+        trainer = Trainer(RunPaths(run))
+        startup = time.perf_counter() - t0
+        trainer.engine.train()
+        for i in range(warmup + steps):
+            if i == warmup:
+                if trainer.cuda:
+                    torch.cuda.synchronize()
+                t_start = time.perf_counter()
+            order = trainer.epoch_order(trainer.step)
+            loss = trainer.train_step(order)
+            trainer.step += 1
+        loss = loss.item()  # one host sync, after the clock has what it needs
+        if trainer.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t_start
+    return _result(name, steps * micro * accum * block, seconds, shape, trainer.n_params, block,
+                   {"startup_s": round(startup, 1), "loss": round(loss, 3), "batch": f"{micro}x{accum}"})
+
+
+def run_hf_trainer(name: str, tiny: bool, warmup: int, steps: int) -> dict:
+    """HF Trainer with the original run's settings: fp16, Adafactor, cosine, 64 x 2 sequences of 64."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import default_data_collator
+
+    block, micro, accum, _, _ = TRAIN_VARIANTS[name]
+    if tiny:
+        micro = max(1, micro // 16)
+    shape = TINY if tiny else RUGPT3SMALL
+    model = GPT2LMHeadModel(GPT2Config(**shape))
+    n = micro * accum * (warmup + steps + 2)
+    data = [{"input_ids": x, "labels": x} for x in torch.randint(0, shape["vocab_size"], (n, block))]
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step in (warmup, warmup + steps):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                marks[state.global_step] = time.perf_counter()
+
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, max_steps=warmup + steps, per_device_train_batch_size=micro,
+                                 gradient_accumulation_steps=accum, fp16=cuda, optim="adafactor", learning_rate=2e-4,
+                                 lr_scheduler_type="cosine", save_strategy="no", report_to="none",
+                                 logging_steps=10**6, use_cpu=not cuda)
+        Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                callbacks=[Clock()]).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    return _result(name, steps * micro * accum * block, marks[warmup + steps] - marks[warmup], shape, n_params, block,
+                   {"batch": f"{micro}x{accum}"})
+
+
+def _result(name, tokens, seconds, shape, n_params, block, extra) -> dict:
+    import torch
+
+    tps = tokens / seconds
+    out = {"variant": name, "tokens_per_s": round(tps), "block": block,
+           "mfu": round(tps * flops_per_token(shape, n_params, block) / PEAK_FLOPS, 4) if torch.cuda.is_available() else None,
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    out.update(extra)
+    return out
+
+
+# ------------------------------------------------------------------ data path
+
+
+def _bench_database(path: Path, rows: int) -> Path:
+    from .demo import write_database
+
+    return write_database(path, n_rows=rows)
+
+
+def run_data_path(rows: int, workers: int) -> dict:
+    """SQLite rows -> token shards: `ftjob prepare` with 1 and with all workers, and the straightforward
+    baseline (pandas read_sql, tokenizer call per document, Python packing into blocks)."""
+    from . import spec as spec_lib
+    from .data.prepare import prepare
+    from .demo import write_tiny_model
+    from .paths import RunPaths
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        db = _bench_database(tmp / "bench.sqlite", rows)
+        model = write_tiny_model(tmp / "model", db)
+        out = {"rows": rows}
+        for n in sorted({1, workers}):
+            spec = spec_lib.from_dict({"name": f"w{n}", "output_dir": str(tmp / "runs"),
+                                       "data": {"database": str(db), "table": "en", "text_column": "body_text",
+                                                "shards": max(4, n * 2), "workers": n, "block_size": 64},
+                                       "model": {"path": str(model)}})
+            paths = RunPaths(spec.run_dir)
+            paths.root.mkdir(parents=True)
+            t0 = time.perf_counter()
+            m = prepare(spec, paths)
+            seconds = time.perf_counter() - t0
+            mb = (m["splits"]["train"]["text_bytes"] + m["splits"]["valid"]["text_bytes"]) / 1e6
+            out[f"ftjob_{n}_workers_mb_s"] = round(mb / seconds, 2)
+        out["text_mb"] = round(mb, 2)
+        t0 = time.perf_counter()
+        _baseline_prepare(db, model, 64)
+        out["baseline_mb_s"] = round(mb / (time.perf_counter() - t0), 2)
+        out["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+def _baseline_prepare(db: Path, model: Path, block: int) -> list:
+    import sqlite3
+
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    with sqlite3.connect(db) as conn:
+        df = pd.read_sql("SELECT body_text FROM en", conn)
+    texts = [t for t in df["body_text"].dropna().tolist() if t.strip()]
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tok(t + "\n")["input_ids"])
+    return [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
+
+
+def run_loader(block: int = 64, batch: int = 128, n_blocks: int = 200_000) -> dict:
+    """Batches per second the loader gathers from memory-mapped shards (CPU side of the input pipeline)."""
+    import torch
+
+    from .data.loader import BlockStore, EpochSchedule
+    from .data.shards import TokenShard, write_token_shard
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.bin"
+        write_token_shard(path, np.random.default_rng(0).integers(0, 50264, (n_blocks, block)).astype("<u2"))
+        store = BlockStore([TokenShard.open(path)])
+        sched = EpochSchedule(n_blocks, 1, batch, 1, 0)
+        order = sched.order(0)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 2.0:
+            mb = sched.micro_batches(n % sched.steps_per_epoch, 0, order)[0]
+            torch.from_numpy(store.gather(mb.indices))
+            n += 1
+        seconds = time.perf_counter() - t0
+    return {"batches_per_s": round(n / seconds), "tokens_per_s": round(n * batch * block / seconds)}
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _print_table(results: list[dict]) -> None:
+    base = next((r["tokens_per_s"] for r in results if r.get("variant") == "hf_trainer_original"), None)
+    print(f"\n{'variant':24} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs HF':>6} {'batch':>7} device")
+    for r in results:
+        if "variant" not in r:
+            continue
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        mem = r["peak_mem_gib"] if r.get("peak_mem_gib") is not None else "-"
+        print(f"{r['variant']:24} {r['tokens_per_s']:>10,} {mfu:>6} {mem!s:>9} {ratio:>6} {r.get('batch', ''):>7} {r['device']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="ftjob bench", description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="2-layer model, small batches (CPU smoke)")
+    p.add_argument("--only", default="", help="comma list of: " + ",".join(list(TRAIN_VARIANTS) + ["data", "loader"]))
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rows", type=int, default=20000, help="rows in the data-path benchmark database")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    p.add_argument("--json", type=Path, help="also write all results to this file")
+    args = p.parse_args(argv)
+    if args.variant:
+        fn = run_hf_trainer if args.variant.startswith("hf_") else run_ftjob_variant
+        print("RESULT " + json.dumps(fn(args.variant, args.tiny, args.warmup, args.steps)), flush=True)
+        return 0
+    wanted = [w for w in args.only.split(",") if w] or list(TRAIN_VARIANTS) + ["data", "loader"]
+    results = []
+    for name in wanted:
+        t0 = time.perf_counter()
+        if name == "data":
+            r = {"data_path": run_data_path(args.rows, os.cpu_count() or 1)}
+        elif name == "loader":
+            r = {"loader": run_loader()}
+        else:
+            cmd = [sys.executable, "-m", "job.bench", "--variant", name, "--warmup", str(args.warmup),
+                   "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            r = json.loads(lines[-1][7:]) if lines else {"failed": name, "rc": proc.returncode,
+                                                          "stderr": proc.stderr[-1500:]}
+        r["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    _print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 1 if any("failed" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

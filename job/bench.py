@@ -161,6 +161,35 @@ def _result(name, tokens, seconds, shape, n_params, block, extra) -> dict:
     return out
 
 
+def run_checkpoint(tiny: bool) -> dict:
+    """Seconds to write and to read back one complete checkpoint (ZeRO-1, AdamW, one process): what a
+    preemption's grace period must cover."""
+    from .paths import RunPaths
+    from .train import checkpoint
+    from .train.worker import Trainer
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29518"))
+    shape = TINY if tiny else RUGPT3SMALL
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _synthetic_run_dir(Path(tmp), shape, 64, 2, 1, "adamw", {}, 3)
+        trainer = Trainer(RunPaths(run))
+        trainer.engine.train()
+        trainer.train_step(trainer.epoch_order(0))  # optimizer state exists only after a step
+        trainer.step = 1
+        t0 = time.perf_counter()
+        path = checkpoint.save(trainer.engine, trainer.paths.checkpoints, 1, trainer.trainer_state(), 2, 0,
+                               trainer.barrier)
+        save_s = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        t0 = time.perf_counter()
+        assert checkpoint.newest_complete(trainer.paths.checkpoints) == path  # includes the sha256 check
+        checkpoint.load(trainer.engine, path, 0)
+        load_s = time.perf_counter() - t0
+    return {"checkpoint": {"params_m": round(trainer.n_params / 1e6, 1), "size_mb": round(size / 1e6),
+                           "save_s": round(save_s, 2), "verify_and_load_s": round(load_s, 2)}}
+
+
 # ------------------------------------------------------------------ data path
 
 
@@ -259,18 +288,21 @@ def _print_table(results: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="ftjob bench", description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="2-layer model, small batches (CPU smoke)")
-    p.add_argument("--only", default="", help="comma list of: " + ",".join(list(TRAIN_VARIANTS) + ["data", "loader"]))
+    p.add_argument("--only", default="", help="comma list of: " + ",".join(list(TRAIN_VARIANTS) + ["data", "loader", "checkpoint"]))
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rows", type=int, default=20000, help="rows in the data-path benchmark database")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--json", type=Path, help="also write all results to this file")
     args = p.parse_args(argv)
+    if args.variant == "checkpoint":
+        print("RESULT " + json.dumps(run_checkpoint(args.tiny)), flush=True)
+        return 0
     if args.variant:
         fn = run_hf_trainer if args.variant.startswith("hf_") else run_ftjob_variant
         print("RESULT " + json.dumps(fn(args.variant, args.tiny, args.warmup, args.steps)), flush=True)
         return 0
-    wanted = [w for w in args.only.split(",") if w] or list(TRAIN_VARIANTS) + ["data", "loader"]
+    wanted = [w for w in args.only.split(",") if w] or list(TRAIN_VARIANTS) + ["data", "loader", "checkpoint"]
     results = []
     for name in wanted:
         t0 = time.perf_counter()
@@ -278,6 +310,11 @@ def main(argv=None) -> int:
             r = {"data_path": run_data_path(args.rows, os.cpu_count() or 1)}
         elif name == "loader":
             r = {"loader": run_loader()}
+        elif name == "checkpoint":
+            cmd = [sys.executable, "-m", "job.bench", "--variant", "checkpoint"] + (["--tiny"] if args.tiny else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            r = json.loads(lines[-1][7:]) if lines else {"failed": name, "stderr": proc.stderr[-1500:]}
         else:
             cmd = [sys.executable, "-m", "job.bench", "--variant", name, "--warmup", str(args.warmup),
                    "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])

@@ -1,0 +1,149 @@
+"""SQLite -> text shards -> token shards + manifest, the epoch schedule, and the example specs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from job import spec as spec_lib
+from job.data.loader import BlockStore, EpochSchedule
+from job.data.prepare import prepare
+from job.data.shards import TokenShard, token_dtype
+from job.paths import RunPaths
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_spec(demo_assets, tmp_path, **data) -> spec_lib.JobSpec:
+    raw = {"name": "d", "output_dir": str(tmp_path / "runs"), "model": {"path": str(demo_assets.model)},
+           "data": {"database": str(demo_assets.database), "table": "en", "text_column": "body_text", **data}}
+    spec = spec_lib.from_dict(raw)
+    RunPaths(spec.run_dir).root.mkdir(parents=True, exist_ok=True)
+    return spec
+
+
+def test_original_split_sizes_and_membership(demo_assets, tmp_path):
+    """3300 rows, 6 empty: 3294 texts -> 2635 train / 659 valid, the same texts train_test_split gives."""
+    from sklearn.model_selection import train_test_split
+
+    db = tmp_path / "wb.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE ru (title TEXT, body_text TEXT)")
+        rows = [(f"t{i}", "" if i % 550 == 3 else f"Текст номер {i}. " * (1 + i % 5)) for i in range(3400)]
+        conn.executemany("INSERT INTO ru VALUES (?, ?)", rows)
+    conn.close()
+    spec = make_spec(demo_assets, tmp_path, database=str(db), table="ru", limit=3300, shards=3)
+    m = prepare(spec, RunPaths(spec.run_dir))
+    assert (m["rows_read"], m["rows_dropped"]) == (3300, 6)
+    assert (m["splits"]["train"]["documents"], m["splits"]["valid"]["documents"]) == (2635, 659)
+    texts = [t for _, t in rows[:3300] if t.strip()]
+    want_train, want_valid = train_test_split(texts, test_size=0.2, random_state=0)
+    got = {}
+    for split in ("train", "valid"):
+        got[split] = [json.loads(line)["text"] for s in m["splits"][split]["shards"]
+                      for line in (RunPaths(spec.run_dir).data / s["text"]).read_text(encoding="utf-8").splitlines()]
+    assert got["train"] == want_train and got["valid"] == want_valid  # same texts, same order
+
+
+def test_shards_and_manifest_describe_each_other(demo_assets, tmp_path):
+    spec = make_spec(demo_assets, tmp_path, shards=3, block_size=32)
+    paths = RunPaths(spec.run_dir)
+    m = prepare(spec, paths)
+    assert m["dtype"] == "uint16" and m["block_size"] == 32 and m["tokenizer"]["vocab_size"] > 0
+    total_blocks = 0
+    for s in m["splits"]["train"]["shards"] + m["splits"]["valid"]["shards"]:
+        for kind in ("text", "tokens"):
+            data = (paths.data / s[kind]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == s[f"{kind}_sha256"]
+        shard = TokenShard.open(paths.data / s["tokens"])
+        assert (shard.n_blocks, shard.block_size) == (s["blocks"], 32)
+        assert s["blocks"] == s["n_tokens"] // 32
+        total_blocks += s["blocks"]
+        assert shard.blocks().max() < m["tokenizer"]["vocab_size"]
+    assert total_blocks == m["splits"]["train"]["blocks"] + m["splits"]["valid"]["blocks"]
+    first = (paths.data / m["splits"]["train"]["shards"][0]["text"]).read_text(encoding="utf-8").splitlines()[0]
+    assert json.loads(first)["text"].strip()  # one readable document per line
+
+
+def test_prepare_skips_unchanged_inputs_and_rebuilds_changed_ones(demo_assets, tmp_path, caplog):
+    spec = make_spec(demo_assets, tmp_path)
+    paths = RunPaths(spec.run_dir)
+    first = prepare(spec, paths)
+    caplog.set_level("INFO", logger="ftjob")
+    again = prepare(spec, paths)
+    assert again["created"] == first["created"] and "nothing to do" in caplog.text
+    spec.data.block_size = 48  # a changed input: new shards
+    changed = prepare(spec, paths)
+    assert changed["input_hash"] != first["input_hash"] and changed["block_size"] == 48
+    os.remove(paths.data / changed["splits"]["train"]["shards"][0]["tokens"])  # a lost shard: rebuilt
+    assert prepare(spec, paths)["input_hash"] == changed["input_hash"]
+    assert (paths.data / changed["splits"]["train"]["shards"][0]["tokens"]).exists()
+
+
+def test_token_dtype_grows_with_the_vocabulary():
+    assert token_dtype(50264) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+@pytest.mark.parametrize("n_blocks,world,micro,accum", [(503, 2, 8, 2), (100, 3, 4, 1), (7, 2, 2, 2), (64, 1, 8, 4)])
+def test_every_block_once_per_epoch_and_weights_make_a_mean(n_blocks, world, micro, accum):
+    sched = EpochSchedule(n_blocks, world, micro, accum, seed=1)
+    for epoch in range(2):
+        seen = []
+        for k in range(sched.steps_per_epoch):
+            step = epoch * sched.steps_per_epoch + k
+            for rank in range(world):
+                for mb in sched.micro_batches(step, rank):
+                    seen.extend(mb.indices.tolist())
+                    assert len(mb.indices) <= micro
+            # sum of weights == world * accum: DeepSpeed's averaging then makes the step loss a mean
+            assert abs(sum(mb.weight for r in range(world) for mb in sched.micro_batches(step, r))
+                       - world * accum) < 1e-9, step
+        assert sorted(seen) == list(range(n_blocks))
+    assert not np.array_equal(sched.order(0), sched.order(1))
+
+
+def test_block_store_gathers_across_shards(tmp_path):
+    from job.data.shards import write_token_shard
+
+    a = np.arange(20, dtype="<u2").reshape(5, 4)
+    b = np.arange(100, 112, dtype="<u2").reshape(3, 4)
+    write_token_shard(tmp_path / "a.bin", a)
+    write_token_shard(tmp_path / "b.bin", b)
+    store = BlockStore([TokenShard.open(tmp_path / "a.bin"), TokenShard.open(tmp_path / "b.bin")])
+    assert len(store) == 8
+    got = store.gather(np.array([6, 0, 4, 5]))
+    assert got.tolist() == [b[1].tolist(), a[0].tolist(), a[4].tolist(), b[0].tolist()]
+    (tmp_path / "a.bin").write_bytes((tmp_path / "a.bin").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        TokenShard.open(tmp_path / "a.bin")
+
+
+def test_wikibooks_example_has_the_original_settings():
+    spec = spec_lib.load(ROOT / "examples" / "wikibooks-ru.yaml")
+    d, t, g = spec.data, spec.train, spec.generation
+    assert (d.table, d.text_column, d.limit, d.valid_fraction, d.split_seed, d.block_size) == \
+        ("ru", "body_text", 3300, 0.2, 0, 64)
+    assert spec.model.path == "ai-forever/rugpt3small_based_on_gpt2"
+    assert (t.epochs, t.micro_batch, t.grad_accum, t.lr, t.optimizer, t.scheduler, t.precision, t.seed,
+            t.checkpoint_every) == (10, 64, 2, 2e-4, "adafactor", "cosine", "fp16", 42, 1000)
+    assert (g.prompts, g.do_sample, g.num_beams, g.temperature, g.top_p, g.max_length) == \
+        (["женщина"], True, 2, 1.5, 0.9, 30)
+    assert spec.resources.procs_per_node == 1  # one GPU: 128 sequences per step, as the original
+
+
+def test_spec_errors_name_key_and_line(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: x\noutput_dir: /tmp/o\ndata:\n  database: a.db\n  table: t\n  shard: 3\nmodel:\n  path: m\n")
+    with pytest.raises(spec_lib.SpecError, match=r"s.yaml:6: data.shard: unknown key; did you mean 'shards'"):
+        spec_lib.load(p)
+    p.write_text("name: x\noutput_dir: /tmp/o\ndata:\n  database: a.db\n  table: t\nmodel:\n  path: m\n")
+    spec = spec_lib.load(p, ["train.lr=1e-3", "generation.prompts=[a, b]", "train.max_steps=5"])
+    assert (spec.train.lr, spec.generation.prompts, spec.train.max_steps) == (1e-3, ["a", "b"], 5)
+    assert spec.data.database == str(tmp_path / "a.db")  # relative to the spec file
+    with pytest.raises(spec_lib.SpecError, match="train.micro_batch: must be greater than 0"):
+        spec_lib.load(p, ["train.micro_batch=0"])

@@ -130,6 +130,16 @@ def test_each_epoch_uses_every_block_exactly_once_across_ranks(demo_run):
     assert per_epoch[0] != per_epoch[1]  # reshuffled every epoch
 
 
+def test_export_of_the_last_checkpoint_equals_the_final_model(demo_run, tmp_path):
+    from safetensors.torch import load_file
+
+    proc = run_ftjob("export", demo_run["spec"], "--out", tmp_path / "exported")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = load_file(tmp_path / "exported" / "model.safetensors"), load_file(demo_run["run"] / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run_ftjob("export", demo_run["spec"], "--out", tmp_path / "exported").returncode == 2  # no overwrite
+
+
 def test_rerun_of_a_finished_run_does_no_work(demo_run):
     proc = run_ftjob("run", demo_run["spec"])
     assert proc.returncode == 0, proc.stderr[-2000:]

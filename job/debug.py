@@ -36,3 +36,15 @@ def trace_blocks(rank: int, step: int, indices) -> None:
     if directory:
         with open(os.path.join(directory, f"blocks-rank{rank}.txt"), "a") as f:
             f.write(f"{step} " + " ".join(map(str, indices)) + "\n")
+
+
+_poisoned = False
+
+
+def maybe_poison(loss, step: int):
+    """NaN loss once, at optimizer step `nan_at_step` (0-based), in this process: a transient blow-up."""
+    global _poisoned
+    if not _poisoned and _settings().get("nan_at_step") == step:
+        _poisoned = True
+        return loss * float("nan")
+    return loss

@@ -71,6 +71,10 @@ class TrainSpec:
     log_every: int = field(default=10, metadata=_check(positive=True))  # steps between metrics lines
     # fp16 guard: stop after this many consecutive steps with a non-finite loss or a skipped update
     max_bad_steps: int = field(default=50, metadata=_check(positive=True))
+    # On divergence: stop (exit 4), or reload the last good checkpoint with a lower learning rate.
+    on_divergence: Literal["stop", "rollback"] = "stop"
+    rollback_lr_factor: float = field(default=0.5, metadata=_check(positive=True, max=1.0))
+    max_rollbacks: int = field(default=3, metadata=_check(min=0))
     compile: bool = False  # torch.compile the model inside the engine (GPU)
     dropout: Optional[float] = field(default=None, metadata=_check(min=0.0, max=1.0))  # None: model's own
 

@@ -42,7 +42,8 @@ def test_run_succeeds_and_leaves_every_output(demo_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rel in ["spec.yaml", "data/manifest.json", "metrics.jsonl", "eval.jsonl", "final/config.json",
                 "final/model.safetensors", "final/tokenizer.json", "samples/before.jsonl", "samples/after.jsonl",
-                "samples/before.md", "samples/after.md", "checkpoints/latest"]:
+                "samples/before.md", "samples/after.md", "samples/step-00000040.jsonl", "checkpoints/latest",
+                "report.md", "loss.png"]:
         assert (run / rel).exists(), rel
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert (run / "checkpoints" / latest / "COMPLETE.json").exists()
@@ -55,6 +56,18 @@ def test_validation_loss_falls_and_is_recorded_before_during_after(demo_run):
     assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 3  # before, every eval_every, after
     assert evals[-1]["loss"] < evals[0]["loss"] - 1.0
     assert math.isclose(evals[-1]["perplexity"], math.exp(evals[-1]["loss"]), rel_tol=1e-6)
+
+
+def test_report_holds_the_runs_own_figures(demo_run):
+    run = demo_run["run"]
+    report = (run / "report.md").read_text(encoding="utf-8")
+    evals = jsonl(run / "eval.jsonl")
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert f"{evals[0]['loss']:.4f}" in report and f"{evals[-1]['loss']:.4f}" in report
+    assert f"{manifest['rows_read']:,}" in report and "![loss](loss.png)" in report
+    after = jsonl(run / "samples" / "after.jsonl")[0]
+    assert after["samples"][0].split("\n")[0][:20] in report
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_metrics_have_the_training_figures(demo_run):
@@ -153,7 +166,7 @@ def test_optimizers_precisions_and_zero_stages(demo_assets, demo_spec, tmp_path,
     path = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(tmp_path / "runs"),
                       train__optimizer=optimizer, train__precision=precision, train__zero_stage=zero,
                       train__max_steps=6, train__eval_every=0, train__checkpoint_every=3, train__log_every=1,
-                      train__sample_every=0, generation__max_length=12)
+                      train__sample_every=0, generation__max_length=12, report__tensorboard=zero == 0)
     proc = run_ftjob("run", path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "demo"
@@ -165,3 +178,10 @@ def test_optimizers_precisions_and_zero_stages(demo_assets, demo_spec, tmp_path,
 
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    if zero == 0:  # TensorBoard event files, as `tensorboard --logdir` reads them
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run / "tensorboard"))
+        acc.Reload()
+        assert {"train/loss", "train/lr", "eval/loss"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]

@@ -4,6 +4,7 @@ and a second job on a live run directory. Two CPU workers through the real deeps
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -180,3 +181,17 @@ def test_divergence_stops_with_a_clear_message(demo_spec, tmp_path):
     proc = run_ftjob("run", spec)
     assert proc.returncode == errors.DIVERGED, proc.stderr[-3000:]
     assert "training diverged" in proc.stderr and "Last good checkpoint" in proc.stderr
+
+
+def test_divergence_can_roll_back_to_the_last_good_checkpoint_with_a_lower_lr(demo_spec, tmp_path):
+    spec = resume_spec(tmp_path, demo_spec, "rollback", train__max_steps=12, train__checkpoint_every=4,
+                       train__on_divergence="rollback", train__scheduler="constant", train__warmup_steps=0)
+    run = tmp_path / "runs" / "rollback"
+    proc = run_ftjob("run", spec, env={"FTJOB_DEBUG": "nan_at_step=6"})  # a NaN loss in step 7, once
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rolled back to step-00000004" in proc.stderr
+    metrics = jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    lr = demo_spec["train"]["lr"]
+    assert all(m["lr"] == lr for m in metrics[:4]) and all(abs(m["lr"] - lr / 2) < 1e-12 for m in metrics[4:])
+    assert all(math.isfinite(m["loss"]) for m in metrics)

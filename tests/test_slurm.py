@@ -253,7 +253,7 @@ def test_a_cancelled_job_is_not_requeued_even_though_ftjob_exits_75(slurm, tmp_p
     slurm.run("scancel", str(job))
     wait_for(lambda: "exit 75" in read(record / "attempt-0"), 30, "the stand-in to exit 75", slurm)
     assert slurm.wait_job(job, timeout=60) == "CANCELLED"
-    wait_for(lambda: "scontrol requeue refused" in read(log), 30, "the script to try the requeue", slurm)
+    wait_for(lambda: "not requeued (job state CANCELLED" in read(log), 30, "the script to try the requeue", slurm)
     time.sleep(3)  # a requeue, had it happened, shows at once as PENDING
     assert slurm.job_state(job) == "CANCELLED", read(log)
     assert slurm.job_field(job, "Restarts") == "0"

@@ -91,7 +91,7 @@ class Trainer:
         if t.compile:
             self.engine.compile()
         self.device = self.engine.device
-        self.step, self.tokens, self.attempt = 0, 0, 1
+        self.step, self.tokens, self.attempt, self.rollbacks = 0, 0, 1, 0
         self._order_epoch, self._order = -1, None
         self.tb = self._tensorboard()
 
@@ -144,6 +144,7 @@ class Trainer:
                 f"checkpoint {ckpt} was written by {state['world_size']} processes but this run has {self.world}; "
                 "resume with the same number of processes, or start over with --restart")
         self.step, self.tokens, self.attempt = state["step"], state["tokens"], state.get("attempt", 1) + 1
+        self.rollbacks = state.get("rollbacks", 0)
         if self.rank == 0:  # steps after the checkpoint will be trained again: drop their old records
             truncate_jsonl(self.paths.metrics, self.step)
             truncate_jsonl(self.paths.evals, self.step)
@@ -152,6 +153,7 @@ class Trainer:
         epoch, in_epoch = self.schedule.position(self.step)
         return {"step": self.step, "tokens": self.tokens, "epoch": epoch, "step_in_epoch": in_epoch,
                 "world_size": self.world, "total_steps": self.total_steps, "attempt": self.attempt,
+                "rollbacks": self.rollbacks,
                 "blocks_per_step": self.schedule.blocks_per_step}
 
     def save(self):
@@ -209,7 +211,7 @@ class Trainer:
             # takes part in the same collectives.
             debug.trace_blocks(self.rank, self.step, mb.indices)
             x = self.batch(mb.indices if len(mb.indices) else order[:1], self.train_store)
-            loss = self.engine(input_ids=x, labels=x).loss
+            loss = debug.maybe_poison(self.engine(input_ids=x, labels=x).loss, self.step)
             self.engine.backward(loss * mb.weight)
             self.engine.step()
             debug.delay("step")
@@ -217,7 +219,6 @@ class Trainer:
         return step_loss / (self.world * self.spec.train.grad_accum)
 
     def run(self) -> int:
-        t = self.spec.train
         self.resume_or_start()
         self.last_checkpoint = checkpoint.newest_complete(self.paths.checkpoints, verify=False)
         if self.step == 0:
@@ -225,57 +226,91 @@ class Trainer:
             self.samples("before")
         if self.all_agree_to_stop():
             return self.preempted(save=self.step > 0)
-
         # from_pretrained returns a model in eval mode; without this a resumed run (which skips the
         # step-0 evaluation that ends in train()) would train with dropout off.
         self.engine.train()
-        window_loss = torch.zeros((), device=self.device)
-        window_bad = torch.zeros((), device=self.device)
-        window_steps, window_start, skipped_in_row = 0, time.perf_counter(), 0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.state("train")
-        bar = Progress(self.total_steps, "training", "steps", self.spec.report.log_interval_s,
-                       enabled=self.rank == 0, initial=self.step)
-        while self.step < self.total_steps:
-            order = self.epoch_order(self.step)
-            step_loss = self.train_step(order)
-            n_blocks = self._blocks_in(self.step, order)
-            self.step += 1
-            self.tokens += n_blocks * self.block_size
-            window_loss += step_loss
-            window_bad += (~torch.isfinite(step_loss)).float()
-            window_steps += 1
-            skipped_in_row = 0 if self.engine.was_step_applied() else skipped_in_row + 1
-            if skipped_in_row >= t.max_bad_steps:
-                return self.diverged(f"{skipped_in_row} optimizer steps in a row were skipped for fp16 overflow "
-                                     f"(loss scale {self._loss_scale()})")
-            last = self.step == self.total_steps
-            if self.step % t.log_every == 0 or last:
-                record = self.log_metrics(window_loss, window_steps, window_start)
-                bar.update(1, loss=record["loss"], tok_s=round(record["tokens_per_s"]))
-                if window_bad.item() and self.precision != "fp16":
-                    return self.diverged(f"loss became {record['loss']} near step {self.step}")
-                window_loss.zero_(), window_bad.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-            else:
-                bar.update(1)
-            if t.eval_every and self.step % t.eval_every == 0 and not last:
-                self.evaluate()
-            if t.sample_every and self.step % t.sample_every == 0 and not last:
-                self.samples(f"step-{self.step:08d}")
-            if self.step % t.checkpoint_every == 0 and not last:
-                self.save()
-            if self.all_agree_to_stop():
-                bar.close()
-                return self.preempted(save=True)
-        bar.close()
+        with Progress(self.total_steps, "training", "steps", self.spec.report.log_interval_s,
+                      enabled=self.rank == 0, initial=self.step) as bar:
+            code = self.train_loop(bar)
+        if code is not None:
+            return code
         self.evaluate()
         self.save()
         self.state("export")
         export.export_final(self.engine, self.tokenizer, self.paths.final, self.rank, self.spec.train.zero_stage)
         self.state("trained")
         return errors.OK
+
+    def train_loop(self, bar: Progress) -> int | None:
+        """Steps until total_steps (None) or until a stop: preempted or diverged (its exit code).
+        Losses stay on the device; they are read (a host sync) only at logging and checkpoint steps."""
+        t = self.spec.train
+        window_loss = torch.zeros((), device=self.device)
+        window_bad = torch.zeros((), device=self.device)
+        window_steps, window_start, skipped_in_row = 0, time.perf_counter(), 0
+        while self.step < self.total_steps:
+            order = self.epoch_order(self.step)
+            step_loss = self.train_step(order)
+            self.tokens += self._blocks_in(self.step, order) * self.block_size
+            self.step += 1
+            window_loss += step_loss
+            window_bad += (~torch.isfinite(step_loss)).float()
+            window_steps += 1
+            skipped_in_row = 0 if self.engine.was_step_applied() else skipped_in_row + 1
+            last = self.step == self.total_steps
+            stop = self.all_agree_to_stop()
+            checkpoint_due = self.step % t.checkpoint_every == 0 and not last
+            problem = None
+            if skipped_in_row >= t.max_bad_steps:
+                problem = (f"{skipped_in_row} optimizer steps in a row were skipped for fp16 overflow "
+                           f"(loss scale {self._loss_scale()})")
+            # A checkpoint or a stop also closes the window: nothing is saved before its losses are checked.
+            if self.step % t.log_every == 0 or last or checkpoint_due or stop:
+                record = self.log_metrics(window_loss, window_steps, window_start)
+                bar.update(1, loss=record["loss"], tok_s=round(record["tokens_per_s"]))
+                if window_bad.item() and self.precision != "fp16":  # fp16 skips such steps by itself
+                    problem = f"loss became {record['loss']} near step {self.step}"
+                window_loss.zero_(), window_bad.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            else:
+                bar.update(1)
+            if problem:
+                if self.rollback(problem):
+                    bar.n, skipped_in_row = self.step, 0
+                    continue
+                return self.diverged(problem)
+            if t.eval_every and self.step % t.eval_every == 0 and not last:
+                self.evaluate()
+            if t.sample_every and self.step % t.sample_every == 0 and not last:
+                self.samples(f"step-{self.step:08d}")
+            if checkpoint_due:
+                self.save()
+            if stop:
+                return self.preempted(save=True)
+        return None
+
+    def rollback(self, why: str) -> bool:
+        """train.on_divergence: rollback reloads the last good checkpoint and continues with the learning
+        rate multiplied by train.rollback_lr_factor (again for each further rollback)."""
+        t = self.spec.train
+        if t.on_divergence != "rollback" or self.rollbacks >= t.max_rollbacks or self.last_checkpoint is None:
+            return False
+        state = checkpoint.load(self.engine, self.last_checkpoint, self.rank)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.rollbacks += 1
+        scheduler = self.engine.lr_scheduler
+        scheduler.base_lrs = [t.lr * t.rollback_lr_factor ** self.rollbacks for _ in scheduler.base_lrs]
+        for group, base, f in zip(self.engine.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * f(scheduler.last_epoch)
+        if self.rank == 0:
+            truncate_jsonl(self.paths.metrics, self.step)
+            truncate_jsonl(self.paths.evals, self.step)
+            log.warning("%s: rolled back to %s (rollback %d of %d), learning rate now %.3g", why,
+                        self.last_checkpoint.name, self.rollbacks, t.max_rollbacks, scheduler.base_lrs[0])
+        return True
 
     def _blocks_in(self, step: int, order: np.ndarray) -> int:
         _, k = self.schedule.position(step)

@@ -185,3 +185,17 @@ def test_optimizers_precisions_and_zero_stages(demo_assets, demo_spec, tmp_path,
         acc.Reload()
         assert {"train/loss", "train/lr", "eval/loss"} <= set(acc.Tags()["scalars"])
         assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stages_run_alone(demo_spec, tmp_path):
+    """prepare, train and generate one at a time, each reading only what the one before wrote."""
+    path = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(tmp_path / "runs"), train__max_steps=3,
+                      train__eval_every=0, train__sample_every=0, generation__max_length=12)
+    run = tmp_path / "runs" / "demo"
+    assert run_ftjob("train", path).returncode == 2  # no data yet: says to run prepare first
+    for args in (["prepare", path], ["train", path], ["generate", path, "--name", "again"]):
+        proc = run_ftjob(*args)
+        assert proc.returncode == 0, (args, proc.stderr[-3000:])
+    assert (run / "data" / "manifest.json").exists() and (run / "final" / "config.json").exists()
+    assert jsonl(run / "samples" / "again.jsonl")[0]["prompt"] == demo_spec["generation"]["prompts"][0]
+    assert [m["step"] for m in jsonl(run / "metrics.jsonl")][-1] == 3

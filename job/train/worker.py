@@ -61,6 +61,9 @@ class Trainer:
         self.cuda = torch.cuda.is_available() and self.spec.resources.accelerator != "cpu"
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # The per-step "does anyone want to stop?" vote goes over gloo on a CPU tensor: over NCCL it
+        # would need a GPU tensor and a host sync every step.
+        self.cpu_group = torch.distributed.new_group(backend="gloo") if self.cuda else None
         setup_logging(self.rank)
         self.stop = StopFlag()
         self.precision = resolve_precision(self.spec, self.cuda)
@@ -101,8 +104,9 @@ class Trainer:
         torch.distributed.barrier()
 
     def all_agree_to_stop(self) -> bool:
-        flag = torch.tensor([float(self.stop.signum != 0)], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        """One rank's signal is enough: every rank stops at the same step boundary."""
+        flag = torch.tensor([float(self.stop.signum != 0)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.cpu_group)
         return bool(flag.item())
 
     def batch(self, indices: np.ndarray, store: BlockStore) -> torch.Tensor:

@@ -73,6 +73,12 @@ def _synthetic_run_dir(root: Path, shape: dict, block: int, micro: int, accum: i
     return run
 
 
+def _single_process_env() -> None:
+    """What the deepspeed launcher would set for a world of one, so the Trainer runs in this process."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -90,8 +96,7 @@ def run_ftjob_variant(name: str, tiny: bool, warmup: int, steps: int) -> dict:
     if tiny:
         micro = max(1, micro // 16)
     shape = TINY if tiny else RUGPT3SMALL
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    _single_process_env()
     with tempfile.TemporaryDirectory() as tmp:
         run = _synthetic_run_dir(Path(tmp), shape, block, micro, accum, optimizer, extra, warmup + steps)
         t0 = time.perf_counter()
@@ -168,8 +173,7 @@ def run_checkpoint(tiny: bool) -> dict:
     from .train import checkpoint
     from .train.worker import Trainer
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29518"))
+    _single_process_env()
     shape = TINY if tiny else RUGPT3SMALL
     with tempfile.TemporaryDirectory() as tmp:
         run = _synthetic_run_dir(Path(tmp), shape, 64, 2, 1, "adamw", {}, 3)
@@ -310,12 +314,7 @@ def main(argv=None) -> int:
             r = {"data_path": run_data_path(args.rows, os.cpu_count() or 1)}
         elif name == "loader":
             r = {"loader": run_loader()}
-        elif name == "checkpoint":
-            cmd = [sys.executable, "-m", "job.bench", "--variant", "checkpoint"] + (["--tiny"] if args.tiny else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            r = json.loads(lines[-1][7:]) if lines else {"failed": name, "stderr": proc.stderr[-1500:]}
-        else:
+        else:  # training and checkpoint variants: each in a fresh process
             cmd = [sys.executable, "-m", "job.bench", "--variant", name, "--warmup", str(args.warmup),
                    "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)

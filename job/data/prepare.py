@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import model as model_lib
 from ..errors import DataError
+from ..fileutil import sha256_file
 from ..paths import RunPaths
 from ..progress import Progress
 from ..spec import JobSpec
@@ -223,15 +224,7 @@ def tokenise_shard(shard: dict, tok_name: str, separator: list[int], block_size:
     rel = shard["text"].replace("text/", "tokens/").replace(".jsonl", ".bin")
     write_token_shard(build / rel, blocks)
     return {"tokens": rel, "n_tokens": int(n_tokens), "blocks": int(n_blocks),
-            "tokens_bytes": (build / rel).stat().st_size, "tokens_sha256": _sha256(build / rel)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            "tokens_bytes": (build / rel).stat().st_size, "tokens_sha256": sha256_file(build / rel)}
 
 
 def _manifest(spec, tok, tok_name, expected, counts, split_order, text_shards, token_stats, separator, dtype,

@@ -7,7 +7,6 @@ to `step-N` and the `latest` pointer replaced with os.replace. Resume trusts the
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import debug
+from ..fileutil import sha256_file
 
 log = logging.getLogger("ftjob")
 
@@ -66,21 +66,13 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"missing {rel}"
         if f.stat().st_size != info["bytes"]:
             return f"{rel} has {f.stat().st_size} bytes, expected {info['bytes']}"
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             return f"{rel} checksum mismatch"
     return None
 
 
 def read_marker(path: Path) -> dict:
     return json.loads((path / MARKER).read_text())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -127,7 +119,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, keep: int, rank: in
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
-                files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         marker = {"step": step, "tokens": trainer_state["tokens"], "epoch": trainer_state["epoch"],
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
         _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))

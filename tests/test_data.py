@@ -96,10 +96,12 @@ def test_every_block_once_per_epoch_and_weights_make_a_mean(n_blocks, world, mic
         seen = []
         for k in range(sched.steps_per_epoch):
             step = epoch * sched.steps_per_epoch + k
+            before = len(seen)
             for rank in range(world):
                 for mb in sched.micro_batches(step, rank):
                     seen.extend(mb.indices.tolist())
                     assert len(mb.indices) <= micro
+            assert len(seen) - before == sched.blocks_in_step(step)
             # sum of weights == world * accum: DeepSpeed's averaging then makes the step loss a mean
             assert abs(sum(mb.weight for r in range(world) for mb in sched.micro_batches(step, r))
                        - world * accum) < 1e-9, step

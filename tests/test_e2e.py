@@ -45,6 +45,7 @@ def test_run_succeeds_and_leaves_every_output(demo_run):
                 "samples/before.md", "samples/after.md", "samples/step-00000040.jsonl", "checkpoints/latest",
                 "report.md", "loss.png"]:
         assert (run / rel).exists(), rel
+    assert "training: 48/48 steps" in proc.stderr  # the batch-log progress line (no TTY here)
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert (run / "checkpoints" / latest / "COMPLETE.json").exists()
     assert json.loads((run / "state.json").read_text())["stage"] == "done"
@@ -151,6 +152,12 @@ def test_export_of_the_last_checkpoint_equals_the_final_model(demo_run, tmp_path
     a, b = load_file(tmp_path / "exported" / "model.safetensors"), load_file(demo_run["run"] / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert run_ftjob("export", demo_run["spec"], "--out", tmp_path / "exported").returncode == 2  # no overwrite
+
+
+def test_status_reads_the_run_from_its_files(demo_run):
+    proc = run_ftjob("status", demo_run["run"])
+    assert proc.returncode == 0, proc.stderr
+    assert "done" in proc.stdout and "step-00000048" in proc.stdout and "48 / 48" in proc.stdout
 
 
 def test_rerun_of_a_finished_run_does_no_work(demo_run):

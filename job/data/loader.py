@@ -65,6 +65,10 @@ class EpochSchedule:
         """(epoch, step within epoch) of global optimizer step `step` (0-based)."""
         return divmod(step, self.steps_per_epoch)
 
+    def blocks_in_step(self, step: int) -> int:
+        _, k = self.position(step)
+        return min(self.blocks_per_step, self.n_blocks - k * self.blocks_per_step)
+
     def step_blocks(self, step: int) -> np.ndarray:
         epoch, k = self.position(step)
         return self.order(epoch)[k * self.blocks_per_step:(k + 1) * self.blocks_per_step]

@@ -73,12 +73,7 @@ class Trainer:
         manifest = read_manifest(paths)
         self.train_store = BlockStore(open_split(paths, "train"))
         self.valid_store = BlockStore(open_split(paths, "valid"))
-        self.block_size = manifest["block_size"]
-        if len(self.train_store) < self.world * t.micro_batch:
-            raise errors.BadInput(
-                f"data: {len(self.train_store)} training blocks are fewer than one batch across ranks "
-                f"({self.world} ranks x train.micro_batch {t.micro_batch}); add rows, or lower "
-                "train.micro_batch, data.block_size or the number of processes")
+        self.block_size = manifest["block_size"]  # enough blocks for a batch: checked before launch
         self.schedule = EpochSchedule(len(self.train_store), self.world, t.micro_batch, t.grad_accum, t.seed)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
 
@@ -258,7 +253,7 @@ class Trainer:
         while self.step < self.total_steps:
             order = self.epoch_order(self.step)
             step_loss = self.train_step(order)
-            self.tokens += self._blocks_in(self.step, order) * self.block_size
+            self.tokens += self.schedule.blocks_in_step(self.step) * self.block_size
             self.step += 1
             window_loss += step_loss
             window_bad += (~torch.isfinite(step_loss)).float()
@@ -315,10 +310,6 @@ class Trainer:
             log.warning("%s: rolled back to %s (rollback %d of %d), learning rate now %.3g", why,
                         self.last_checkpoint.name, self.rollbacks, t.max_rollbacks, scheduler.base_lrs[0])
         return True
-
-    def _blocks_in(self, step: int, order: np.ndarray) -> int:
-        _, k = self.schedule.position(step)
-        return len(order[k * self.schedule.blocks_per_step:(k + 1) * self.schedule.blocks_per_step])
 
     def _loss_scale(self):
         opt = self.engine.optimizer

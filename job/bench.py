@@ -229,10 +229,14 @@ def run_data_path(rows: int, workers: int) -> dict:
             mb = (m["splits"]["train"]["text_bytes"] + m["splits"]["valid"]["text_bytes"]) / 1e6
             out[f"ftjob_{n}_workers_mb_s"] = round(mb / seconds, 2)
         out["text_mb"] = round(mb, 2)
+        # Peak memory of ftjob's prepare: this process (reader, splitter) and its tokenising workers,
+        # measured before the baseline runs, which holds every text in a DataFrame.
+        out["ftjob_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out["ftjob_worker_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
         t0 = time.perf_counter()
         _baseline_prepare(db, model, 64)
         out["baseline_mb_s"] = round(mb / (time.perf_counter() - t0), 2)
-        out["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out["baseline_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
 
 

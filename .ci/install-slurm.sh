@@ -3,6 +3,8 @@
 # cluster with tests/slurm_harness.py. Idempotent: does nothing when sbatch is already on PATH.
 # The packages' own services are not used (no systemd in CI); the harness starts the daemons itself.
 set -euo pipefail
+# The daemons live in /usr/sbin, which a non-root PATH may lack.
+PATH="$PATH:/usr/sbin:/sbin"
 
 if command -v sbatch >/dev/null 2>&1 && command -v slurmctld >/dev/null 2>&1; then
     echo "install-slurm: Slurm already installed ($(slurmctld -V))"

@@ -5,10 +5,10 @@ Why a real Slurm and not a mock: what the sbatch scripts rely on (signals reachi
 `srun`) is Slurm behaviour, and only Slurm itself can tell us we got it right.
 
 Everything lives in temporary folders: slurm.conf, state, spool and logs in the one given; munge's key,
-socket, pid and seed in one of its own. Clients and daemons find the config through the SLURM_CONF environment variable (honoured by
-Slurm 22.05, checked), and Slurm finds our munged through `AuthInfo=socket=...`, so nothing under
-/etc/slurm, /etc/munge or /run/munge is touched and a system Slurm on the same host, if any, is left alone
-(we also take free ports rather than 6817/6818).
+socket, pid and seed in one of its own. Clients and daemons find the config through the SLURM_CONF
+environment variable (honoured by Slurm 22.05, checked), and Slurm finds our munged through
+`AuthInfo=socket=...`, so nothing under /etc/slurm, /etc/munge or /run/munge is touched and a system
+Slurm on the same host, if any, is left alone (we also take free ports rather than 6817/6818).
 
 Needs root (SlurmUser=root, jobs run as root, munged must be started as user `munge`) and the Debian
 packages `slurmctld slurmd slurm-client munge` (.ci/install-slurm.sh). `unavailable_reason()` says why
@@ -60,9 +60,14 @@ REQUIRED_PROGRAMS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "mung
 CRED_EXPIRE_S = 10
 
 
+def find_program(name: str) -> str | None:
+    """PATH first, then the sbin folders a non-login PATH may lack (the daemons live in /usr/sbin)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+
+
 def unavailable_reason() -> str | None:
     """Why a local Slurm cannot be started here, or None when it can."""
-    missing = [p for p in REQUIRED_PROGRAMS if shutil.which(p) is None]
+    missing = [p for p in REQUIRED_PROGRAMS if find_program(p) is None]
     if missing:
         return (
             f"Slurm/munge not installed (missing {', '.join(missing)}); "
@@ -148,8 +153,8 @@ class LocalSlurm:
             self._start_munged()
             self._write_conf()
             # -D: stay in the foreground, so the Popen pid is the daemon's pid and we stop exactly it.
-            self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
-            self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
+            self._spawn("slurmctld", [find_program("slurmctld"), "-D", "-f", str(self.conf)])
+            self._spawn("slurmd", [find_program("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
             self._wait_node_idle(timeout)
         except BaseException:
             self.stop()
@@ -208,7 +213,7 @@ class LocalSlurm:
         self._spawn(
             "munged",
             [
-                "munged",
+                find_program("munged"),
                 "--foreground",
                 f"--socket={self.munge_socket}",
                 f"--key-file={key}",
@@ -261,6 +266,7 @@ class LocalSlurm:
             "SelectTypeParameters=CR_Core",
             "ReturnToService=2",
             "MpiDefault=none",
+            "MailProg=/bin/true",  # the default /usr/bin/mail is usually absent (slurmctld logs an error)
             "JobRequeue=1",
             # Keep finished jobs visible to `scontrol show job` (there is no slurmdbd, so no sacct).
             "MinJobAge=86400",

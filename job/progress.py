@@ -58,12 +58,14 @@ class Progress:
             self._bar.update(n)
             if fields:
                 self._bar.set_postfix({k: _fmt(v) for k, v in self._fields.items()}, refresh=False)
-        elif time.monotonic() - self._last_line >= self.interval_s:
-            self._last_line = time.monotonic()
-            log.info(self.line())
+        else:
+            now = time.monotonic()
+            if now - self._last_line >= self.interval_s:
+                self._last_line = now
+                log.info(self.line(now))
 
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.start
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now if now is not None else time.monotonic()) - self.start
         done = self.n - self._initial
         rate = done / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]

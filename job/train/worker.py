@@ -376,6 +376,9 @@ def main(argv=None) -> int:
     except errors.JobError as e:
         log.error("%s", e)
         code = e.exit_code
+    except Exception:
+        log.exception("training failed")  # the "[rank N]" prefix says which rank, in a shared log
+        code = errors.FAILED
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: DeepSpeed/gloo threads can hang at exit, and everything is written.

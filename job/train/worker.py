@@ -52,6 +52,20 @@ class StopFlag:
         self.signum = signum
 
 
+class LossWindow:
+    """Training losses since the last log line, kept on the device: no host sync per step."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.bad = torch.zeros((), device=device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor) -> None:
+        self.loss += step_loss
+        self.bad += (~torch.isfinite(step_loss)).float()
+        self.steps += 1
+
+
 class Trainer:
     def __init__(self, paths: RunPaths):
         import deepspeed
@@ -245,51 +259,55 @@ class Trainer:
 
     def train_loop(self, bar: Progress) -> int | None:
         """Steps until total_steps (None) or until a stop: preempted or diverged (its exit code).
-        Losses stay on the device; they are read (a host sync) only at logging and checkpoint steps."""
+        Losses stay on the device; they are read (a host sync) only when a window of steps is closed:
+        at logging steps, and before anything is saved."""
         t = self.spec.train
-        window_loss = torch.zeros((), device=self.device)
-        window_bad = torch.zeros((), device=self.device)
-        window_steps, window_start, skipped_in_row = 0, time.perf_counter(), 0
+        self.window = LossWindow(self.device)
+        skipped_in_row = 0
         while self.step < self.total_steps:
             order = self.epoch_order(self.step)
             step_loss = self.train_step(order)
             self.tokens += self.schedule.blocks_in_step(self.step) * self.block_size
             self.step += 1
-            window_loss += step_loss
-            window_bad += (~torch.isfinite(step_loss)).float()
-            window_steps += 1
+            self.window.add(step_loss)
+            bar.update(1)
             skipped_in_row = 0 if self.engine.was_step_applied() else skipped_in_row + 1
             last = self.step == self.total_steps
-            stop = self.all_agree_to_stop()
-            checkpoint_due = self.step % t.checkpoint_every == 0 and not last
-            problem = None
+            problem = self.close_window(bar) if self.step % t.log_every == 0 or last else None
             if skipped_in_row >= t.max_bad_steps:
                 problem = (f"{skipped_in_row} optimizer steps in a row were skipped for fp16 overflow "
                            f"(loss scale {self._loss_scale()})")
-            # A checkpoint or a stop also closes the window: nothing is saved before its losses are checked.
-            if self.step % t.log_every == 0 or last or checkpoint_due or stop:
-                record = self.log_metrics(window_loss, window_steps, window_start)
-                bar.update(1, loss=record["loss"], tok_s=round(record["tokens_per_s"]))
-                if window_bad.item() and self.precision != "fp16":  # fp16 skips such steps by itself
-                    problem = f"loss became {record['loss']} near step {self.step}"
-                window_loss.zero_(), window_bad.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-            else:
-                bar.update(1)
+            if not problem:
+                paused = time.perf_counter()
+                if t.eval_every and self.step % t.eval_every == 0 and not last:
+                    self.evaluate()
+                if t.sample_every and self.step % t.sample_every == 0 and not last:
+                    self.samples(f"step-{self.step:08d}")
+                self.window.start += time.perf_counter() - paused  # tokens/s counts training time only
+                # Voted after evaluation, so a signal that came during it stops here, not a step later.
+                stop = self.all_agree_to_stop()
+                checkpoint_due = self.step % t.checkpoint_every == 0 and not last
+                if (stop or checkpoint_due) and self.window.steps:
+                    problem = self.close_window(bar)  # never save weights whose losses were not checked
             if problem:
                 if self.rollback(problem):
                     bar.n, skipped_in_row = self.step, 0
                     continue
                 return self.diverged(problem)
-            if t.eval_every and self.step % t.eval_every == 0 and not last:
-                self.evaluate()
-            if t.sample_every and self.step % t.sample_every == 0 and not last:
-                self.samples(f"step-{self.step:08d}")
             if checkpoint_due:
                 self.save()
             if stop:
                 return self.preempted(save=True)
         return None
+
+    def close_window(self, bar: Progress) -> str | None:
+        """Log the window's metrics; returns what is wrong if a loss in it was not finite (fp16 skips
+        such steps by itself, so there only a run of skipped steps counts)."""
+        record = self.log_metrics(self.window)
+        bar.update(0, loss=record["loss"], tok_s=round(record["tokens_per_s"]))
+        bad = self.window.bad.item() and self.precision != "fp16"
+        self.window = LossWindow(self.device)
+        return f"loss became {record['loss']} near step {self.step}" if bad else None
 
     def rollback(self, why: str) -> bool:
         """train.on_divergence: rollback reloads the last good checkpoint and continues with the learning
@@ -315,11 +333,11 @@ class Trainer:
         opt = self.engine.optimizer
         return getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
 
-    def log_metrics(self, window_loss, window_steps, window_start) -> dict:
-        torch.distributed.all_reduce(window_loss)
-        loss = window_loss.item() / window_steps
-        seconds = time.perf_counter() - window_start
-        tokens_per_s = window_steps * self.schedule.blocks_per_step * self.block_size / max(seconds, 1e-9)
+    def log_metrics(self, window: LossWindow) -> dict:
+        torch.distributed.all_reduce(window.loss)
+        loss = window.loss.item() / window.steps
+        seconds = time.perf_counter() - window.start
+        tokens_per_s = window.steps * self.schedule.blocks_per_step * self.block_size / max(seconds, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         record = {"step": self.step, "epoch": round(self.step / self.schedule.steps_per_epoch, 4), "loss": loss,
                   "lr": self.engine.get_lr()[0], "loss_scale": self._loss_scale() if self.precision == "fp16" else None,

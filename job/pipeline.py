@@ -106,7 +106,7 @@ def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> int:
     if node.node_rank == 0:
         write_state(paths, stage="train", nnodes=node.nnodes, procs_per_node=node.procs_per_node,
                     accelerator=node.accelerator)
-    launch = Launch(launcher_command(paths, node), worker_env(node))
+    launch = Launch(launcher_command(paths, node), worker_env(node), node)
     code = launch.run()
     if code == 0:
         return errors.OK

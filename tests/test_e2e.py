@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def test_run_succeeds_and_leaves_every_output(demo_run):
                 "report.md", "loss.png"]:
         assert (run / rel).exists(), rel
     assert "training: 48/48 steps" in proc.stderr  # the batch-log progress line (no TTY here)
+    port = re.search(r"--master_port=(\d+)", proc.stderr).group(1)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # no leaked shared memory
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert (run / "checkpoints" / latest / "COMPLETE.json").exists()
     assert json.loads((run / "state.json").read_text())["stage"] == "done"

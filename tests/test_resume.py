@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -116,6 +117,8 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(demo_sp
     run = tmp_path / "runs" / "killed"
     proc = run_ftjob("run", spec, env={"FTJOB_DEBUG": "kill_in_save=8"})
     assert proc.returncode not in (0, errors.PREEMPTED)
+    port = re.search(r"--master_port=(\d+)", proc.stderr).group(1)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # cleaned after a crash too
     ckpts = run / "checkpoints"
     assert (ckpts / ".tmp-step-00000008").exists() and not (ckpts / ".tmp-step-00000008" / "COMPLETE.json").exists()
     assert not (ckpts / "step-00000008").exists()

@@ -114,13 +114,20 @@ def worker_env(node: NodeInfo) -> dict:
     return env
 
 
+def shm_buffers(node: NodeInfo) -> list[Path]:
+    """DeepSpeed's CPU backend maps two all-reduce buffers per rank in /dev/shm, named after the
+    rendezvous address and port, and never unlinks them: about 140 MB per CPU run, until /dev/shm (RAM)
+    is full and new runs hang. They are this launch's alone (its own port), so remove them after it."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{node.master_addr}_{node.master_port}_*"))
+
+
 class Launch:
     """Runs the launcher; SIGTERM/SIGUSR1/SIGINT to this process become SIGTERM to the launcher's
     per-node process (deepspeed.launcher.launch), which forwards it to every worker. SIGUSR1 matters:
     Slurm's --signal=B:USR1 reaches only the batch shell, and the launcher does not forward USR1."""
 
-    def __init__(self, cmd: list[str], env: dict):
-        self.cmd, self.env, self.signalled = cmd, env, 0
+    def __init__(self, cmd: list[str], env: dict, node: NodeInfo):
+        self.cmd, self.env, self.node, self.signalled = cmd, env, node, 0
         self.proc: subprocess.Popen | None = None
 
     def _forward(self, signum, frame):
@@ -157,3 +164,5 @@ class Launch:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            for buffer in shm_buffers(self.node):
+                buffer.unlink(missing_ok=True)

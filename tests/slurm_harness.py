@@ -332,16 +332,9 @@ class LocalSlurm:
         # JobState can carry flags in other versions ("COMPLETING" etc. are separate states here).
         return self.job_field(jobid, "JobState").split("+")[0]
 
-    def wait_job(self, jobid: int, timeout: float, poll: float = 1.0) -> str:
+    def wait_job(self, jobid: int, timeout: float) -> str:
         """Wait until the job reaches a final state (a requeued job's PENDING is not one); return it."""
-        deadline = time.monotonic() + timeout
-        state = "?"
-        while time.monotonic() < deadline:
-            state = self.job_state(jobid)
-            if state in FINAL_STATES:
-                return state
-            time.sleep(poll)
-        raise TimeoutError(f"job {jobid} still {state} after {timeout}s")
+        return self.wait_state(jobid, FINAL_STATES, timeout)
 
     def wait_state(self, jobid: int, states: set[str] | frozenset[str], timeout: float) -> str:
         """Wait until the job is in one of `states` (e.g. {"RUNNING"})."""

@@ -47,10 +47,3 @@ class DataError(BadInput):
 class RunLocked(JobError):
     exit_code = LOCKED
 
-
-class Diverged(JobError):
-    exit_code = DIVERGED
-
-
-class Preempted(JobError):
-    exit_code = PREEMPTED

@@ -52,10 +52,6 @@ def write_samples(records: list[dict], directory: Path, name: str, **meta) -> Pa
     return path
 
 
-def read_samples(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def samples_from_directory(model_dir: Path, gen: GenerationSpec, device: str | None = None) -> list[dict]:
     """Load a Hugging Face directory with plain transformers and sample from it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,7 +8,6 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

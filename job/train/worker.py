@@ -7,7 +7,6 @@ checkpoint.py (atomic save / resume), ../data/loader.py (which blocks at which s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os

@@ -6,6 +6,7 @@ the texts stay on disk: memory holds one offset per document, not the documents.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -93,8 +94,9 @@ def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: flo
         t_text = time.perf_counter() - t0
         separator = _separator_ids(tok, spec.data.join)
         dtype = token_dtype(len(tok))
-        token_stats = _tokenise_all(text_shards, tok_name, separator, spec.data.block_size, dtype.str,
-                                    spec.data.workers, interval_s)
+        tokenise = functools.partial(tokenise_shard, build=build, tok_name=tok_name, separator=separator,
+                                     block_size=spec.data.block_size, dtype=dtype.str)
+        token_stats = _tokenise_all(text_shards, tokenise, spec.data.workers, interval_s)
         manifest = _manifest(spec, tok, tok_name, expected, counts, split_order, text_shards, token_stats,
                              separator, dtype, t_text, time.perf_counter() - t0)
         (build / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
@@ -160,7 +162,7 @@ def _write_text_shards(all_docs: Path, offsets: np.ndarray, split_order, n_shard
                         h.update(line)
                         size += len(line)
                 shards[split].append({"text": rel, "documents": int(len(part)), "text_bytes": size,
-                                      "text_sha256": h.hexdigest(), "build": str(build)})
+                                      "text_sha256": h.hexdigest()})
     return shards
 
 
@@ -172,18 +174,18 @@ def _separator_ids(tok, join: str) -> list[int]:
     return tok("\n", add_special_tokens=False)["input_ids"]
 
 
-def _tokenise_all(text_shards, tok_name, separator, block_size, dtype, workers, interval_s):
+def _tokenise_all(text_shards, tokenise, workers, interval_s):
+    """`tokenise` on every text shard, one process per core."""
     jobs = [(split, s) for split in SPLITS for s in text_shards[split]]
     workers = workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(jobs)))
     results = {}
     with Progress(len(jobs), "tokenising", "shards", interval_s) as bar:
         if workers == 1:
-            outs = (tokenise_shard(s, tok_name, separator, block_size, dtype) for _, s in jobs)
+            outs = map(tokenise, [s for _, s in jobs])
         else:
             pool = ProcessPoolExecutor(workers)
-            outs = pool.map(tokenise_shard, [s for _, s in jobs], [tok_name] * len(jobs),
-                            [separator] * len(jobs), [block_size] * len(jobs), [dtype] * len(jobs))
+            outs = pool.map(tokenise, [s for _, s in jobs])
         for (split, shard), out in zip(jobs, outs):
             results[(split, shard["text"])] = out
             bar.update(1, tokens=sum(r["n_tokens"] for r in results.values()))
@@ -192,13 +194,13 @@ def _tokenise_all(text_shards, tok_name, separator, block_size, dtype, workers, 
     return results
 
 
-def tokenise_shard(shard: dict, tok_name: str, separator: list[int], block_size: int, dtype: str) -> dict:
+def tokenise_shard(shard: dict, build: Path, tok_name: str, separator: list[int], block_size: int,
+                   dtype: str) -> dict:
     """One text shard -> one token shard. Runs in a worker process; documents are joined by `separator`
     and the stream is cut into blocks of block_size, the tail shorter than a block dropped (as the
     original run's TextDataset did)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per shard already uses every core
     tok = model_lib.load_tokenizer(tok_name)
-    build = Path(shard["build"])
     # The Rust tokenizer directly: skips the Python BatchEncoding wrapper, and encode_batch_fast skips
     # character offsets we never use (about 30% faster than tok(batch) on one core).
     backend = tok.backend_tokenizer
@@ -231,11 +233,7 @@ def _manifest(spec, tok, tok_name, expected, counts, split_order, text_shards, t
               t_text, t_total):
     splits = {}
     for split in SPLITS:
-        shards = []
-        for s in text_shards[split]:
-            entry = {k: v for k, v in s.items() if k != "build"}
-            entry.update(token_stats[(split, s["text"])])
-            shards.append(entry)
+        shards = [{**s, **token_stats[(split, s["text"])]} for s in text_shards[split]]
         splits[split] = {"documents": int(len(split_order[split])), "shards": shards,
                          "tokens": sum(s["n_tokens"] for s in shards), "blocks": sum(s["blocks"] for s in shards),
                          "text_bytes": sum(s["text_bytes"] for s in shards)}

@@ -16,7 +16,7 @@ from job.data.prepare import prepare
 from job.data.shards import TokenShard, token_dtype
 from job.paths import RunPaths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_spec(demo_assets, tmp_path, **data) -> spec_lib.JobSpec:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 LOCK = REPO / "requirements.lock"
 # Where CI's own pip command lines live (torch is pinned there, not in the lock).

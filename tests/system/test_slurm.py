@@ -26,7 +26,7 @@ import pytest
 
 from slurm_harness import LocalSlurm, unavailable_reason
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SINGLE = ROOT / "slurm" / "ftjob-single-node.sbatch"
 MULTI = ROOT / "slurm" / "ftjob-multi-node.sbatch"
 SCRIPTS = [SINGLE, MULTI]

@@ -9,6 +9,7 @@ FAILED = 1  # unexpected failure (a bug, a crashed worker); the traceback is in 
 BAD_INPUT = 2  # the spec, the data, the model path or the output directory is wrong; fix and resubmit
 LOCKED = 3  # another live job holds the run directory
 DIVERGED = 4  # loss went NaN/inf or the fp16 loss scale collapsed; the last good checkpoint is named
+VOLUME = 74  # EX_IOERR: the output volume is full, read-only or failing; fix it, then rerun (it resumes)
 PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a complete checkpoint; run again to resume
 
 EXIT_CODES = {
@@ -17,6 +18,7 @@ EXIT_CODES = {
     BAD_INPUT: "bad input: spec, data, model or output directory (the message names it)",
     LOCKED: "the run directory is held by another live job",
     DIVERGED: "training diverged (NaN/inf loss or fp16 loss scale at its minimum)",
+    VOLUME: "the output volume is full, read-only or failing; fix it, then run again (it resumes)",
     PREEMPTED: "preempted: a complete checkpoint was written; run the same command again to resume",
 }
 

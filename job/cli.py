@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="all stages; resumes from the newest complete checkpoint", epilog=EPILOG)
     _spec_args(p)
     p.add_argument("--restart", action="store_true", help="move the existing run aside and start over")
+    p.add_argument("--wait-for-inputs", type=float, default=0, metavar="SECONDS",
+                   help="wait up to SECONDS for data.database and model.path to appear (Kubernetes first apply)")
 
     p = sub.add_parser("validate", help="check the spec, database, model and output directory; writes nothing")
     _spec_args(p)
@@ -105,7 +107,7 @@ def dispatch(args) -> int:
               f"{facts['tokenizer_vocab']}, {facts['positions']} positions)")
         return errors.OK
     if args.command == "run":
-        return pipeline.run(spec, restart=args.restart)
+        return pipeline.run(spec, restart=args.restart, wait_for_inputs_s=args.wait_for_inputs)
     if args.command == "prepare":
         pipeline.preflight(spec)
         from .lock import RunLock

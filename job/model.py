@@ -34,14 +34,14 @@ def resolve_model_dir(name: str, key: str = "model.path") -> Path:
                        "that cache, or give a local path") from None
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def load_tokenizer(name: str, key: str = "model.tokenizer"):
     from transformers import AutoTokenizer
 
     directory = resolve_model_dir(name, key)
-    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+    if not any((directory / f).exists() for f in TOKENIZER_FILES):
         # transformers would build an empty tokenizer from config.json alone and tokenise every text to nothing.
         raise BadInput(f"{key}: no tokenizer files in {directory} (it needs tokenizer.json or vocab.json + "
                        "merges.txt); save the tokenizer next to the model, or set model.tokenizer")

@@ -53,6 +53,36 @@ def preflight(spec: JobSpec, accelerator: str | None = None) -> dict:
     return {"tokenizer_vocab": len(tok), "positions": positions, "model_type": config.model_type}
 
 
+def wait_for_inputs(spec: JobSpec, timeout_s: float, poll_s: float = 2.0, note_every_s: float = 30.0) -> None:
+    """Wait (bounded) for the database file and the model directory to appear: on Kubernetes the Job can
+    start before anyone has copied the inputs onto their volume. Exits 2 naming what is still missing."""
+    start = time.monotonic()
+    last_note = -note_every_s
+    while True:
+        missing = _missing_inputs(spec)
+        if not missing:
+            return
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            raise errors.BadInput(f"{missing[0]}: still missing after waiting {waited:.0f}s (--wait-for-inputs "
+                                  f"{timeout_s:g}); copy it onto the inputs volume, then run again")
+        if waited - last_note >= note_every_s:
+            log.info("waiting for inputs (%s), up to %.0fs more", "; ".join(missing), timeout_s - waited)
+            last_note = waited
+        time.sleep(poll_s)
+
+
+def _missing_inputs(spec: JobSpec) -> list[str]:
+    missing = []
+    if not Path(spec.data.database).is_file():
+        missing.append(f"data.database {spec.data.database}")
+    for key, value in (("model.path", spec.model.path), ("model.tokenizer", spec.model.tokenizer)):
+        if value and value.startswith("/") and not (Path(value) / "config.json").exists() and not any(
+                (Path(value) / f).exists() for f in model_lib.TOKENIZER_FILES):
+            missing.append(f"{key} {value}")
+    return missing
+
+
 def _check_output_dir(out: Path) -> None:
     existing = out
     while not existing.exists():
@@ -200,10 +230,12 @@ def _raise_interrupted(signum, frame):
     raise _Interrupted(signal.Signals(signum).name)
 
 
-def run(spec: JobSpec, restart: bool = False) -> int:
+def run(spec: JobSpec, restart: bool = False, wait_for_inputs_s: float = 0) -> int:
     """All stages; resumes automatically from the newest complete checkpoint in the run directory."""
     paths = RunPaths(spec.run_dir)
     node = node_info(spec)
+    if wait_for_inputs_s:
+        wait_for_inputs(spec, wait_for_inputs_s)
     preflight(spec, node.accelerator)
     # Outside the launcher, a preemption signal just stops the stage in hand: every stage either
     # finished its files or leaves them to be redone, so "resume me" is the right answer.

@@ -89,7 +89,7 @@ def run_ftjob_variant(name: str, tiny: bool, warmup: int, steps: int) -> dict:
     """Times Trainer.train_step, the code `ftjob train` runs per optimizer step, engine included."""
     import torch
 
-    from .paths import RunPaths
+    from .rundir import RunPaths
     from .train.worker import Trainer
 
     block, micro, accum, optimizer, extra = TRAIN_VARIANTS[name]
@@ -169,8 +169,8 @@ def _result(name, tokens, seconds, shape, n_params, block, extra) -> dict:
 def run_checkpoint(tiny: bool) -> dict:
     """Seconds to write and to read back one complete checkpoint (ZeRO-1, AdamW, one process): what a
     preemption's grace period must cover."""
-    from .paths import RunPaths
-    from .train import checkpoint
+    from .rundir import RunPaths
+    from .rundir import newest_complete
     from .train.worker import Trainer
 
     _single_process_env()
@@ -182,13 +182,12 @@ def run_checkpoint(tiny: bool) -> dict:
         trainer.train_step(trainer.epoch_order(0))  # optimizer state exists only after a step
         trainer.step = 1
         t0 = time.perf_counter()
-        path = checkpoint.save(trainer.engine, trainer.paths.checkpoints, 1, trainer.trainer_state(), 2, 0,
-                               trainer.barrier)
+        path = trainer.checkpointer.save(1, trainer.trainer_state())
         save_s = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         t0 = time.perf_counter()
-        assert checkpoint.newest_complete(trainer.paths.checkpoints) == path  # includes the sha256 check
-        checkpoint.load(trainer.engine, path, 0)
+        assert newest_complete(trainer.paths.checkpoints) == path  # includes the sha256 check
+        trainer.checkpointer.load(path)
         load_s = time.perf_counter() - t0
     return {"checkpoint": {"params_m": round(trainer.n_params / 1e6, 1), "size_mb": round(size / 1e6),
                            "save_s": round(save_s, 2), "verify_and_load_s": round(load_s, 2)}}
@@ -209,7 +208,7 @@ def run_data_path(rows: int, workers: int) -> dict:
     from . import spec as spec_lib
     from .data.prepare import prepare
     from .demo import write_tiny_model
-    from .paths import RunPaths
+    from .rundir import RunPaths
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -260,8 +259,8 @@ def run_loader(block: int = 64, batch: int = 128, n_blocks: int = 200_000) -> di
     """Batches per second the loader gathers from memory-mapped shards (CPU side of the input pipeline)."""
     import torch
 
-    from .data.loader import BlockStore, EpochSchedule
-    from .data.shards import TokenShard, write_token_shard
+    from .data.schedule import EpochSchedule
+    from .data.shards import BlockStore, TokenShard, write_token_shard
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.bin"

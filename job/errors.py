@@ -12,6 +12,10 @@ DIVERGED = 4  # loss went NaN/inf or the fp16 loss scale collapsed; the last goo
 VOLUME = 74  # EX_IOERR: the output volume is full, read-only or failing; fix it, then rerun (it resumes)
 PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a complete checkpoint; run again to resume
 
+# A worker's JobError travels to the `ftjob` process as one line of its output: this prefix, then JSON
+# {"code", "message", "rank"}; `ftjob` reports it as its own one-line error with that exit code.
+WORKER_ERROR_PREFIX = "FTJOB-ERROR "
+
 EXIT_CODES = {
     OK: "success",
     FAILED: "unexpected failure (see the log)",
@@ -49,3 +53,17 @@ class DataError(BadInput):
 class RunLocked(JobError):
     exit_code = LOCKED
 
+
+class VolumeError(JobError):
+    """The output volume is full, read-only or failing: nothing the spec can fix, nor a retry as is."""
+
+    exit_code = VOLUME
+
+
+
+def from_code(code: int, message: str) -> JobError:
+    """The JobError a worker reported (by exit code), raised again in the `ftjob` process."""
+    kinds = {BAD_INPUT: BadInput, LOCKED: RunLocked, VOLUME: VolumeError}
+    error = kinds.get(code, JobError)(message)
+    error.exit_code = code
+    return error

@@ -5,16 +5,16 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
+from .rundir import atomic_write
 from .spec import GenerationSpec
 
 log = logging.getLogger("ftjob")
 
 
-@torch.no_grad()
 def generate_samples(model, tokenizer, gen: GenerationSpec, device=None, synced_gpus: bool = False) -> list[dict]:
     """One record per prompt. Seeds per prompt, so the same weights give the same samples."""
+    import torch
+
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -26,13 +26,13 @@ def generate_samples(model, tokenizer, gen: GenerationSpec, device=None, synced_
         # max_length counts the prompt (as in the original run); a prompt longer than that still gets
         # a few new tokens rather than an error after hours of training.
         max_length = max(gen.max_length, enc["input_ids"].shape[1] + 8)
-        out = model.generate(**enc, do_sample=gen.do_sample, num_beams=gen.num_beams,
-                             temperature=gen.temperature if gen.do_sample else None,
-                             top_p=gen.top_p if gen.do_sample else None, max_length=max_length,
-                             num_return_sequences=gen.num_return_sequences, pad_token_id=pad,
-                             synced_gpus=synced_gpus)
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        records.append({"prompt": prompt, "samples": texts})
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=gen.do_sample, num_beams=gen.num_beams,
+                                 temperature=gen.temperature if gen.do_sample else None,
+                                 top_p=gen.top_p if gen.do_sample else None, max_length=max_length,
+                                 num_return_sequences=gen.num_return_sequences, pad_token_id=pad,
+                                 synced_gpus=synced_gpus)
+        records.append({"prompt": prompt, "samples": tokenizer.batch_decode(out, skip_special_tokens=True)})
     model.train(was_training)
     return records
 
@@ -41,19 +41,18 @@ def write_samples(records: list[dict], directory: Path, name: str, **meta) -> Pa
     """samples/<name>.jsonl plus samples/<name>.md for reading."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({**meta, **r}, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(json.dumps({**meta, **r}, ensure_ascii=False) + "\n" for r in records))
     lines = [f"# Samples: {name}", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
     for r in records:
         lines.append(f"## {r['prompt']}")
         lines += [f"{j + 1}. {s}" for j, s in enumerate(r["samples"])] + [""]
-    (directory / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
+    atomic_write(directory / f"{name}.md", "\n".join(lines))
     return path
 
 
 def samples_from_directory(model_dir: Path, gen: GenerationSpec, device: str | None = None) -> list[dict]:
     """Load a Hugging Face directory with plain transformers and sample from it."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -1,10 +1,14 @@
-"""The stages in order: validate -> prepare -> train -> generate -> report. One function per stage.
+"""The one orchestrator: one function per `ftjob` subcommand, built from the stages in order
+validate -> prepare -> train -> export best -> generate -> report.
 
-Each stage reads what the one before wrote to the run directory, so each can run alone
-(`ftjob prepare`, `ftjob train`, ...) and `ftjob run` is the stages in order.
+Each stage reads what the one before wrote to the run directory, so each can run alone (`ftjob prepare`,
+`ftjob train`, ...) and `ftjob run` is the stages in order. Node 0 of a job owns the run directory (its
+lock, spec.yaml, data/); the other nodes wait for node 0's data and only train.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -12,45 +16,203 @@ import signal
 import time
 from pathlib import Path
 
-from . import errors
-from . import model as model_lib
+from . import errors, logs, pretrained
 from . import spec as spec_lib
-from .data.prepare import prepare, read_manifest, text_source
-from .data.sqlite_source import check_rows, check_source
-from .generate import samples_from_directory, write_samples
-from .lock import RunLock
-from .paths import RunPaths
-from .runstate import read_state, write_state
+from .cluster import NodeHeartbeat, NodeInfo, PeerWatch, node_info
+from .errors import BadInput, JobError
+from .rundir import (FINISHED, RunLock, RunPaths, Stage, atomic_dir, atomic_write, complete_checkpoints,
+                     newest_complete, read_best, read_manifest, read_state, remove_partial_files, verify_checkpoint,
+                     write_state, writing)
 from .spec import JobSpec
-from .train.launch import Launch, NodeInfo, launcher_command, node_info, worker_env
-from .train.setup import resolve_precision
 
 log = logging.getLogger("ftjob")
 
+ONE_NODE = NodeInfo(nnodes=1, node_rank=0, master_addr="127.0.0.1", master_port=0, procs_per_node=1, accelerator="cpu")
 
-# ------------------------------------------------------------------ validate
+
+# ================================================================== subcommands
+
+
+def validate(spec_file: str, overrides: list[str], print_spec: bool = False) -> int:
+    spec = spec_lib.load(spec_file, overrides)
+    facts = preflight(spec)
+    if print_spec:
+        print(spec_lib.dump(spec))
+    print(f"ok: {spec_file} is valid (run directory {spec.run_dir}, tokenizer vocabulary "
+          f"{facts['tokenizer_vocab']}, {facts['positions']} positions)")
+    return errors.OK
+
+
+def prepare(spec_file: str, overrides: list[str], force: bool = False) -> int:
+    spec = spec_lib.load(spec_file, overrides)
+    preflight(spec)
+    paths = RunPaths(spec.run_dir)
+    with _owner(spec, paths, restart=False):
+        prepare_stage(spec, paths, force=force)
+    return errors.OK
+
+
+def train(spec_file: str, overrides: list[str], verbose: bool = False) -> int:
+    spec = spec_lib.load(spec_file, overrides)
+    node = node_info(spec)
+    preflight(spec, node.accelerator)
+    paths = RunPaths(spec.run_dir)
+    if node.node_rank != 0:
+        with _peer_session(spec, paths, node) as watch:
+            wait_for_manifest(paths, watch)
+            return train_stage(spec, paths, node, verbose, watch)
+    with _owner(spec, paths, restart=False, node=node) as watch:
+        manifest = read_manifest(paths)
+        if manifest is None:
+            raise BadInput(f"no prepared data in {paths.data}; run `ftjob prepare` first (or `ftjob run`)")
+        check_pinned_data(spec, paths, manifest)
+        return train_stage(spec, paths, node, verbose, watch)
+
+
+def run(spec_file: str, overrides: list[str], restart: bool = False, wait_for_inputs_s: float = 0,
+        verbose: bool = False) -> int:
+    """All stages; resumes by itself from the newest complete checkpoint in the run directory."""
+    spec = spec_lib.load(spec_file, overrides)
+    paths = RunPaths(spec.run_dir)
+    node = node_info(spec)
+    if wait_for_inputs_s:
+        wait_for_inputs(spec, wait_for_inputs_s)
+    preflight(spec, node.accelerator)
+    try:
+        with _signals_interrupt_stages():
+            if node.node_rank != 0:
+                with _peer_session(spec, paths, node) as watch:
+                    wait_for_manifest(paths, watch)
+                    return train_stage(spec, paths, node, verbose, watch)
+            with _owner(spec, paths, restart, node) as watch:
+                return _all_stages(spec, paths, node, restart, verbose, watch)
+    except _Interrupted as e:
+        log.info("received %s between stages; exiting %d, run again to resume", e, errors.PREEMPTED)
+        if paths.spec.exists() and node.node_rank == 0:
+            write_state(paths, stage=Stage.PREEMPTED)
+        return errors.PREEMPTED
+    except JobError as e:
+        # Other nodes poll the state: tell them to stop waiting for this node's data.
+        if node.node_rank == 0 and e.exit_code != errors.LOCKED and paths.spec.exists():
+            with contextlib.suppress(OSError):
+                write_state(paths, stage=Stage.FAILED, exit_code=e.exit_code, error=str(e))
+        raise
+
+
+def _all_stages(spec: JobSpec, paths: RunPaths, node: NodeInfo, restart: bool, verbose: bool, watch) -> int:
+    trained = not restart and already_trained(paths, spec)
+    write_state(paths, started=read_state(paths).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    prepare_stage(spec, paths)
+    if trained:
+        log.info("already trained (%s); use --restart to train again", paths.final)
+    else:
+        code = train_stage(spec, paths, node, verbose, watch)
+        if code != errors.OK:
+            report_stage(paths)
+            return code
+        export_best_stage(spec, paths)
+    generate_stage(spec, paths)
+    write_state(paths, stage=Stage.DONE)
+    report_stage(paths)
+    log.info("done: %s", paths.root)
+    return errors.OK
+
+
+def generate(spec_file: str, overrides: list[str], model_dir: Path | None = None, name: str = "after") -> int:
+    spec = spec_lib.load(spec_file, overrides)
+    generate_stage(spec, RunPaths(spec.run_dir), model_dir, name)
+    return errors.OK
+
+
+def export(spec_file: str, overrides: list[str], checkpoint: Path | None = None, out: Path | None = None) -> int:
+    from .train.export import export_checkpoint
+
+    spec = spec_lib.load(spec_file, overrides)
+    paths = RunPaths(spec.run_dir)
+    ckpt = checkpoint or newest_complete(paths.checkpoints)
+    if ckpt is None:
+        raise BadInput(f"no complete checkpoint to export in {paths.checkpoints}")
+    step = json.loads((ckpt / "COMPLETE.json").read_text())["step"] if (ckpt / "COMPLETE.json").exists() else 0
+    manifest = read_manifest(paths) or {"tokenizer": {"vocab_size": None}}
+    print(export_checkpoint(ckpt, out or paths.root / f"export-step-{step:08d}", spec,
+                            manifest["tokenizer"]["vocab_size"]))
+    return errors.OK
+
+
+def status(run_dir: Path, as_json: bool = False) -> int:
+    from .status import collect_status, status_text
+
+    print(json.dumps(collect_status(run_dir), indent=1, default=str) if as_json else status_text(run_dir))
+    return errors.OK
+
+
+def report(run_dir: Path) -> int:
+    from .report import write_report
+    from .status import run_paths
+
+    print(write_report(run_paths(run_dir)))
+    return errors.OK
+
+
+def demo_assets(directory: Path, rows: int) -> int:
+    from .demo import write_demo_assets
+
+    out = write_demo_assets(directory, rows)
+    print(f"database: {out['database']}\nmodel:    {out['model']}")
+    return errors.OK
+
+
+# ================================================================== validate
 
 
 def preflight(spec: JobSpec, accelerator: str | None = None) -> dict:
     """Every check that can fail before anything is written; returns a few facts for the summary."""
+    from .data.prepare import text_source
+    from .data.sqlite_source import check_rows, check_source
+    from .train.optim import resolve_precision
+
     _check_output_dir(Path(spec.output_dir))
     check_source(text_source(spec))
     check_rows(text_source(spec))
-    tok = model_lib.load_tokenizer(spec.model.tokenizer or spec.model.path,
-                                   "model.tokenizer" if spec.model.tokenizer else "model.path")
-    config = model_lib.model_config(spec.model)
-    positions = model_lib.max_positions(config)
+    tok = pretrained.load_tokenizer(spec.model.tokenizer or spec.model.path,
+                                    "model.tokenizer" if spec.model.tokenizer else "model.path")
+    config = pretrained.model_config(spec.model)
+    pretrained.check_weights(spec.model)
+    positions = pretrained.max_positions(config)
     if positions and spec.data.block_size > positions:
         raise errors.SpecError("data.block_size", f"{spec.data.block_size} is larger than the model's "
                                f"{positions} positions; use at most {positions}")
     if spec.model.from_config is None and len(tok) > config.vocab_size:
-        raise errors.BadInput(f"model.tokenizer: the tokenizer has {len(tok)} tokens but the model's "
-                              f"vocabulary has {config.vocab_size}; use the model's own tokenizer")
+        raise BadInput(f"model.tokenizer: the tokenizer has {len(tok)} tokens but the model's vocabulary has "
+                       f"{config.vocab_size}; use the model's own tokenizer")
+    if spec.data.join == "eos" and tok.eos_token_id is None:
+        raise BadInput("data.join: eos, but the tokenizer has no end-of-text token; use data.join: newline")
     if spec.generation.max_length > (positions or spec.generation.max_length):
         raise errors.SpecError("generation.max_length", f"is larger than the model's {positions} positions")
+    if spec.model.attn_implementation == "flash_attention_2" and not _importable("flash_attn"):
+        raise BadInput("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                       "(pip install flash-attn) and a GPU; use sdpa")
     if accelerator is not None:
         resolve_precision(spec, accelerator == "cuda")
     return {"tokenizer_vocab": len(tok), "positions": positions, "model_type": config.model_type}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _check_output_dir(out: Path) -> None:
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInput(f"output_dir: {existing} is a file, so {out} cannot be created; give a directory on "
+                       "the mounted volume")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"output_dir: {existing} is not writable by this user (uid {os.getuid()}, gid "
+                       f"{os.getgid()}); mount the volume read-write for them, or pick another output_dir")
 
 
 def wait_for_inputs(spec: JobSpec, timeout_s: float, poll_s: float = 2.0, note_every_s: float = 30.0) -> None:
@@ -58,14 +220,11 @@ def wait_for_inputs(spec: JobSpec, timeout_s: float, poll_s: float = 2.0, note_e
     start before anyone has copied the inputs onto their volume. Exits 2 naming what is still missing."""
     start = time.monotonic()
     last_note = -note_every_s
-    while True:
-        missing = _missing_inputs(spec)
-        if not missing:
-            return
+    while missing := _missing_inputs(spec):
         waited = time.monotonic() - start
         if waited >= timeout_s:
-            raise errors.BadInput(f"{missing[0]}: still missing after waiting {waited:.0f}s (--wait-for-inputs "
-                                  f"{timeout_s:g}); copy it onto the inputs volume, then run again")
+            raise BadInput(f"{missing[0]}: still missing after waiting {waited:.0f}s (--wait-for-inputs "
+                           f"{timeout_s:g}); copy it onto the inputs volume, then run again")
         if waited - last_note >= note_every_s:
             log.info("waiting for inputs (%s), up to %.0fs more", "; ".join(missing), timeout_s - waited)
             last_note = waited
@@ -73,202 +232,332 @@ def wait_for_inputs(spec: JobSpec, timeout_s: float, poll_s: float = 2.0, note_e
 
 
 def _missing_inputs(spec: JobSpec) -> list[str]:
-    missing = []
-    if not Path(spec.data.database).is_file():
-        missing.append(f"data.database {spec.data.database}")
+    missing = [] if Path(spec.data.database).is_file() else [f"data.database {spec.data.database}"]
     for key, value in (("model.path", spec.model.path), ("model.tokenizer", spec.model.tokenizer)):
         if value and value.startswith("/") and not (Path(value) / "config.json").exists() and not any(
-                (Path(value) / f).exists() for f in model_lib.TOKENIZER_FILES):
+                (Path(value) / f).exists() for f in pretrained.TOKENIZER_FILES):
             missing.append(f"{key} {value}")
     return missing
 
 
-def _check_output_dir(out: Path) -> None:
-    existing = out
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        raise errors.BadInput(f"output_dir: {existing} is a file, so {out} cannot be created; "
-                              "give a directory on the mounted volume")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise errors.BadInput(f"output_dir: {existing} is not writable by this user (uid {os.getuid()}); "
-                              "mount the volume read-write or pick another output_dir")
+# ================================================================== the run directory
 
 
-# ------------------------------------------------------------------ prepare
+@contextlib.contextmanager
+def _owner(spec: JobSpec, paths: RunPaths, restart: bool, node: NodeInfo | None = None):
+    """Node 0's hold on the run directory: the lock (with its heartbeat), leftovers of a killed attempt
+    removed, the resolved spec recorded, the run's log file attached; in a multi-node job, this node's
+    heartbeat and the watch on the others. Yields the PeerWatch (None on one node)."""
+    with RunLock(paths, spec.resources.lock_heartbeat_s):
+        removed = remove_partial_files(paths)
+        if removed:
+            log.info("removed %d partial file(s) a stopped attempt left: %s", len(removed),
+                     ", ".join(p.name for p in removed[:5]))
+        start_run_dir(spec, paths, restart)
+        with _node_files(spec, paths, node or ONE_NODE) as watch:
+            yield watch
 
 
-def prepare_stage(spec: JobSpec, paths: RunPaths, force: bool = False) -> dict:
-    write_state(paths, stage="prepare")
-    return prepare(spec, paths, force=force, interval_s=spec.report.log_interval_s)
+@contextlib.contextmanager
+def _peer_session(spec: JobSpec, paths: RunPaths, node: NodeInfo):
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with _node_files(spec, paths, node) as watch:
+        yield watch
 
 
-def wait_for_manifest(paths: RunPaths, timeout_s: float = 4 * 3600, poll_s: float = 2.0) -> dict:
-    """Nodes other than rank 0 wait for rank 0's data (shared volume) instead of preparing it again."""
-    start = time.monotonic()
-    last_note = 0.0
-    while True:
-        manifest = read_manifest(paths)
-        state = read_state(paths)
-        if state.get("stage") == "failed":
-            raise errors.JobError(f"node 0 failed ({state.get('error', 'see its log')}); not starting this node")
-        if manifest and state.get("stage") != "prepare":
-            return manifest
-        if time.monotonic() - start > timeout_s:
-            raise errors.JobError(f"waited {timeout_s:.0f}s for node 0 to write {paths.manifest}; is node 0 running "
-                                  "and is the output directory a shared volume?")
-        if time.monotonic() - last_note > 60:
-            log.info("waiting for node 0 to prepare the data (%s)", paths.manifest)
-            last_note = time.monotonic()
-        time.sleep(poll_s)
-
-
-# ------------------------------------------------------------------ train
-
-
-def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> int:
-    manifest = read_manifest(paths)
-    if manifest is None:
-        raise errors.BadInput(f"no prepared data in {paths.data}; run `ftjob prepare` first (or `ftjob run`)")
-    _check_one_batch(spec, paths, node, manifest["splits"]["train"]["blocks"])
-    if node.node_rank == 0:
-        write_state(paths, stage="train", nnodes=node.nnodes, procs_per_node=node.procs_per_node,
-                    accelerator=node.accelerator)
-    launch = Launch(launcher_command(paths, node), worker_env(node), node)
-    code = launch.run()
-    if code == 0:
-        return errors.OK
-    state = read_state(paths)
-    if launch.signalled or state.get("stage") == "preempted":
-        # The launcher exits 1 when it is signalled, whatever the workers did: the state file says
-        # whether they got to write their checkpoint.
-        return errors.PREEMPTED
-    if code == errors.BAD_INPUT:  # a worker found it; its own line is in the log above
-        raise errors.BadInput("training stopped on bad input: the workers' error is in the log above")
-    if code in (errors.DIVERGED, errors.PREEMPTED, errors.LOCKED):
-        return code
-    write_state(paths, stage="failed", exit_code=code)
-    return errors.FAILED
-
-
-def _check_one_batch(spec: JobSpec, paths: RunPaths, node: NodeInfo, blocks: int) -> None:
-    """The workers' own check, made before starting them: one error line instead of one per rank."""
-    world, mb = node.nnodes * node.procs_per_node, spec.train.micro_batch
-    if blocks < world * mb:
-        if node.node_rank == 0:  # other nodes wait for the stage to leave "prepare"
-            write_state(paths, stage="failed", exit_code=errors.BAD_INPUT)
-        raise errors.BadInput(
-            f"data: {blocks} training blocks are fewer than one batch across ranks ({world} ranks x "
-            f"train.micro_batch {mb}); add rows, or lower train.micro_batch, data.block_size or the number "
-            "of processes")
-
-
-def already_trained(paths: RunPaths, spec: JobSpec) -> bool:
-    if not (paths.final / "config.json").exists() or read_state(paths).get("stage") not in ("trained", "generate", "done"):
-        return False
+@contextlib.contextmanager
+def _node_files(spec: JobSpec, paths: RunPaths, node: NodeInfo):
+    handler = logs.add_file(paths.log_file(node.node_rank))
+    log.info("ftjob attempt on %s (node %d of %d), spec %s", os.uname().nodename, node.node_rank, node.nnodes,
+             paths.spec)
+    heartbeat, watch = None, None
+    if node.nnodes > 1:
+        timeout = spec.resources.node_timeout_s
+        heartbeat = NodeHeartbeat(paths, node, interval_s=min(10.0, timeout / 6)).start()
+        watch = PeerWatch(paths, node, timeout)
+    code = errors.FAILED
     try:
-        previous = spec_lib.load(paths.spec)
-    except errors.JobError:
-        return False
-    return previous.train == spec.train and previous.data == spec.data and previous.model == spec.model
-
-
-# ------------------------------------------------------------------ generate / report
-
-
-def generate_stage(spec: JobSpec, paths: RunPaths, model_dir: Path | None = None, name: str = "after") -> Path:
-    model_dir = model_dir or paths.final
-    if not (model_dir / "config.json").exists():
-        raise errors.BadInput(f"no model in {model_dir}; train first (`ftjob train` or `ftjob run`)")
-    write_state(paths, stage="generate")
-    records = samples_from_directory(model_dir, spec.generation)
-    path = write_samples(records, paths.samples, name, weights=str(model_dir))
-    for r in records:
-        log.info("sample (%s) %r -> %r", name, r["prompt"], r["samples"][0])
-    return path
-
-
-def report_stage(paths: RunPaths) -> Path:
-    from .report import write_report
-
-    path = write_report(paths)
-    log.info("report: %s", path)
-    return path
-
-
-# ------------------------------------------------------------------ run
+        yield watch
+        code = errors.OK
+    except JobError as e:
+        code = e.exit_code
+        raise
+    finally:
+        if heartbeat:
+            heartbeat.stop(code)
+        logs.remove_handler(handler)
 
 
 def start_run_dir(spec: JobSpec, paths: RunPaths, restart: bool) -> None:
-    """Node 0 only, under the lock: move an old run aside on --restart, record the resolved spec."""
+    """Under the lock: move an old run aside on --restart (nothing is deleted), record the resolved spec."""
     if restart and paths.root.exists():
         aside = paths.root.with_name(f"{paths.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-        # Move everything but the lock we hold; nothing is deleted.
         aside.mkdir()
         for p in paths.root.iterdir():
-            if p.name != ".lock":
+            if p.name != ".lock":  # the lock we hold stays
                 p.rename(aside / p.name)
         log.info("--restart: the previous run was moved to %s", aside)
     paths.root.mkdir(parents=True, exist_ok=True)
     new = spec_lib.dump(spec)
-    if paths.spec.exists() and paths.spec.read_text(encoding="utf-8") != new:
-        keep = paths.root / f"spec.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
-        shutil.copy2(paths.spec, keep)
-        log.info("the spec changed since the last attempt; the previous one is kept as %s", keep.name)
-    tmp = paths.spec.with_name("spec.yaml.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    tmp.replace(paths.spec)
+    with writing(paths.spec, "the resolved spec", paths):
+        if paths.spec.exists() and paths.spec.read_text(encoding="utf-8") != new:
+            keep = paths.root / f"spec.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+            shutil.copy2(paths.spec, keep)
+            log.info("the spec changed since the last attempt; the previous one is kept as %s", keep.name)
+        atomic_write(paths.spec, new)
 
 
 class _Interrupted(Exception):
     pass
 
 
-def _raise_interrupted(signum, frame):
-    raise _Interrupted(signal.Signals(signum).name)
+@contextlib.contextmanager
+def _signals_interrupt_stages():
+    """Outside the launcher, a preemption signal stops the stage in hand: every stage either finished its
+    files or leaves them to be redone, so "resume me" (75) is the right answer."""
+    def interrupted(signum, frame):
+        raise _Interrupted(signal.Signals(signum).name)
 
-
-def run(spec: JobSpec, restart: bool = False, wait_for_inputs_s: float = 0) -> int:
-    """All stages; resumes automatically from the newest complete checkpoint in the run directory."""
-    paths = RunPaths(spec.run_dir)
-    node = node_info(spec)
-    if wait_for_inputs_s:
-        wait_for_inputs(spec, wait_for_inputs_s)
-    preflight(spec, node.accelerator)
-    # Outside the launcher, a preemption signal just stops the stage in hand: every stage either
-    # finished its files or leaves them to be redone, so "resume me" is the right answer.
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, _raise_interrupted)
+    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        if node.node_rank != 0:
-            wait_for_manifest(paths)
-            return train_stage(spec, paths, node)
-        with RunLock(paths):
-            trained = not restart and already_trained(paths, spec)
-            start_run_dir(spec, paths, restart)
-            write_state(paths, started=read_state(paths).get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            prepare_stage(spec, paths)
-            if trained:
-                log.info("already trained (%s); use --restart to train again", paths.final)
-            else:
-                code = train_stage(spec, paths, node)
-                if code != errors.OK:
-                    report_stage(paths)
-                    return code
-            generate_stage(spec, paths)
-            write_state(paths, stage="done")
-            report_stage(paths)
-            log.info("done: %s", paths.root)
-            return errors.OK
-    except _Interrupted as e:
-        log.info("received %s between stages; exiting %d, run again to resume", e, errors.PREEMPTED)
-        if paths.root.exists():
-            write_state(paths, stage="preempted")
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ================================================================== prepare
+
+
+def prepare_stage(spec: JobSpec, paths: RunPaths, force: bool = False) -> dict:
+    from .data.prepare import prepare as build
+
+    manifest = read_manifest(paths)
+    if manifest and complete_checkpoints(paths.checkpoints):
+        if force:
+            raise BadInput(f"prepare --force: {paths.root} has checkpoints, so its data is pinned to the run; "
+                           "use `ftjob run --restart` to start over on newly prepared data")
+        check_pinned_data(spec, paths, manifest)
+        log.info("prepare: the run has checkpoints, so it keeps the data prepared %s; nothing to do",
+                 manifest.get("created"))
+        return manifest
+    write_state(paths, stage=Stage.PREPARE)
+    with writing(paths.data, "the prepared data", paths):
+        return build(spec, paths, force=force, interval_s=spec.report.log_interval_s)
+
+
+def check_pinned_data(spec: JobSpec, paths: RunPaths, manifest: dict) -> None:
+    """A run with checkpoints trains on the data it started with: a changed data setting would change
+    which blocks the resumed steps see (exit 2, name the key); a changed database is only noted (the run
+    keeps its snapshot in data/)."""
+    from .data.prepare import changed_settings, data_settings, source_identity, tokenizer_for
+
+    if not complete_checkpoints(paths.checkpoints):
+        return
+    _, tok = tokenizer_for(spec)
+    settings = data_settings(spec, pretrained.tokenizer_fingerprint(tok))
+    changed = changed_settings(manifest, settings)
+    if changed:
+        key = changed[0]
+        name = {"tokenizer": "model.tokenizer", "format": "the data format (a newer ftjob)"}.get(key, f"data.{key}")
+        was = manifest.get("settings", {}).get(key)
+        raise BadInput(f"{name}: changed since this run's data was prepared ({was!r} -> {settings[key]!r}) and "
+                       "the run has checkpoints; resuming on other data would be another run: put the setting "
+                       "back, or start over with --restart")
+    if manifest.get("source_identity") != source_identity(spec):
+        log.warning("data.database %s changed since this run's data was prepared (%s); the run keeps its own "
+                    "prepared data in %s (use --restart to prepare it again)", spec.data.database,
+                    manifest.get("created"), paths.data)
+
+
+def wait_for_manifest(paths: RunPaths, watch: PeerWatch | None = None, timeout_s: float = 4 * 3600,
+                      poll_s: float = 2.0) -> dict:
+    """Nodes other than rank 0 wait for rank 0's data (shared volume) instead of preparing it again."""
+    start = time.monotonic()
+    last_note = 0.0
+    while True:
+        manifest, state = read_manifest(paths), read_state(paths)
+        if state.get("stage") == Stage.FAILED:
+            raise JobError(f"node 0 failed ({state.get('error', 'see its log')}); not starting this node")
+        if manifest and state.get("stage") != Stage.PREPARE:
+            return manifest
+        problem = watch.problem() if watch else None
+        if problem:
+            raise JobError(f"{problem} while this node waited for its data; stopping")
+        if time.monotonic() - start > timeout_s:
+            raise JobError(f"waited {timeout_s:.0f}s for node 0 to write {paths.manifest}; is node 0 running and "
+                           "is the output directory a shared volume?")
+        if time.monotonic() - last_note > 60:
+            log.info("waiting for node 0 to prepare the data (%s)", paths.manifest)
+            last_note = time.monotonic()
+        time.sleep(poll_s)
+
+
+# ================================================================== train
+
+
+def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo, verbose: bool = False,
+                watch: PeerWatch | None = None) -> int:
+    from .progress import mode as progress_mode
+    from .train.launch import Launch, hostfile_text, launcher_command, worker_env
+
+    manifest = read_manifest(paths)
+    if node.node_rank == 0:
+        _check_one_batch(spec, paths, node, manifest["splits"]["train"]["blocks"])
+        _prepare_resume(spec, paths, node)
+        write_state(paths, stage=Stage.TRAIN, nnodes=node.nnodes, procs_per_node=node.procs_per_node,
+                    accelerator=node.accelerator)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    hostfile = paths.logs / f"hostfile.node{node.node_rank}"
+    atomic_write(hostfile, hostfile_text(node))
+    bar = progress_mode() == "bar"
+    launch = Launch(launcher_command(paths, node, hostfile), worker_env(node, progress_events=bar), node,
+                    paths.log_file(node.node_rank), verbose, watch,
+                    on_tick=_report_when_evaluated(paths) if node.node_rank == 0 else None, bar=bar)
+    code = launch.run()
+    return _training_outcome(paths, node, launch, code)
+
+
+def _training_outcome(paths: RunPaths, node: NodeInfo, launch, code: int) -> int:
+    if launch.peer_problem:
+        last = newest_complete(paths.checkpoints, verify=False)
+        raise JobError(f"{launch.peer_problem}; this node stopped too. Run the job again: it resumes from "
+                       f"{last.name if last else 'the start'}")
+    if code == errors.OK:
+        return errors.OK
+    if launch.worker_error:  # one worker's JobError: its own line, its own exit code
+        raise errors.from_code(launch.worker_error["code"], launch.worker_error["message"])
+    state = read_state(paths)
+    if launch.signalled or state.get("stage") == Stage.PREEMPTED or code == errors.PREEMPTED:
+        # The launcher exits 1 when it is signalled, whatever the workers did: the state file says
+        # whether they got to write their checkpoint.
+        _say_where_it_resumes(paths, state)
         return errors.PREEMPTED
-    except errors.JobError as e:
-        # Other nodes poll the state: tell them to stop waiting for this node's data.
-        if node.node_rank == 0 and paths.spec.exists() and read_state(paths).get("stage") not in ("failed",):
-            write_state(paths, stage="failed", exit_code=e.exit_code, error=str(e))
-        raise
+    if code in (errors.DIVERGED, errors.LOCKED):
+        return code
+    if node.node_rank == 0:
+        write_state(paths, stage=Stage.FAILED, exit_code=code)
+    raise JobError(f"training failed (the launcher exited {code}); the workers' error is above and in "
+                   f"{paths.log_file(node.node_rank)}")
+
+
+def _say_where_it_resumes(paths: RunPaths, state: dict) -> None:
+    last = newest_complete(paths.checkpoints, verify=False)
+    step = state.get("step")
+    if last is not None and last.name == state.get("checkpoint") and last.name.endswith(f"{step or 0:08d}"):
+        log.info("preempted at step %s: checkpoint %s is complete; run the same command again to resume from it",
+                 step, last.name)
+    else:
+        log.warning("preempted at step %s before a checkpoint at that step was complete; the run will resume "
+                    "from %s", step, last.name if last else "the start (no checkpoint yet)")
+
+
+def _report_when_evaluated(paths: RunPaths):
+    """A callback for the launch loop: rewrite report.md and loss.png whenever eval.jsonl grew, here in
+    the `ftjob` process, so the workers spend no training time on plotting."""
+    seen = [paths.evals.stat().st_size if paths.evals.exists() else 0]
+
+    def tick():
+        size = paths.evals.stat().st_size if paths.evals.exists() else 0
+        if size != seen[0]:
+            seen[0] = size
+            with contextlib.suppress(Exception):  # a report is a convenience; never the reason a run fails
+                report_stage(paths, quiet=True)
+    return tick
+
+
+def _check_one_batch(spec: JobSpec, paths: RunPaths, node: NodeInfo, blocks: int) -> None:
+    """The workers' own check, made before starting them: one error line instead of one per rank."""
+    world, mb = node.world_size, spec.train.micro_batch
+    if blocks < world * mb:
+        raise BadInput(f"data: {blocks} training blocks are fewer than one batch across ranks ({world} ranks x "
+                       f"train.micro_batch {mb}); add rows, or lower train.micro_batch, data.block_size or the "
+                       "number of processes")
+
+
+def _prepare_resume(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> None:
+    """A checkpoint written by another number of processes: check that the run's global batch still
+    divides (the workers keep it by changing gradient accumulation), convert it to DeepSpeed's universal
+    form once, and say what changed."""
+    from .train.optim import grad_accum_for
+
+    last = newest_complete(paths.checkpoints, verify=False)
+    if last is None:
+        return
+    state = json.loads((last / "trainer_state.json").read_text())
+    if state.get("world_size", node.world_size) == node.world_size:
+        return
+    problem = verify_checkpoint(last)
+    if problem:
+        raise BadInput(f"checkpoint {last.name} is damaged ({problem}); remove it to resume from an older one")
+    accum = grad_accum_for(state["global_batch"], node.world_size, spec.train.micro_batch)
+    log.info("the number of processes changed since %s: %d -> %d; gradient accumulation %d -> %d keeps %d "
+             "sequences per step", last.name, state["world_size"], node.world_size, state.get("grad_accum", 0),
+             accum, state["global_batch"])
+    from .train.checkpoint import to_universal
+
+    with writing(last, f"the universal form of {last.name}", paths):
+        to_universal(last, spec.train.optimizer, spec.train.zero_stage)
+
+
+def already_trained(paths: RunPaths, spec: JobSpec) -> bool:
+    if not (paths.final / "config.json").exists() or read_state(paths).get("stage") not in FINISHED:
+        return False
+    try:
+        previous = spec_lib.load(paths.spec)
+    except JobError:
+        return False
+    return previous.train == spec.train and previous.data == spec.data and previous.model == spec.model
+
+
+# ================================================================== export best, generate, report
+
+
+def export_best_stage(spec: JobSpec, paths: RunPaths) -> None:
+    """best/: the weights of the lowest validation loss. The same files as final/ (hard links) when the
+    best evaluation was the last one; otherwise exported from the best checkpoint."""
+    from .train.export import export_checkpoint
+
+    best = read_best(paths)
+    if best is None:
+        return
+    ckpt = paths.checkpoints / best["checkpoint"]
+    final_step = read_state(paths).get("step")
+    with writing(paths.best, "the best model", paths):
+        if best["step"] == final_step and (paths.final / "config.json").exists():
+            with atomic_dir(paths.best) as tmp:
+                for f in paths.final.iterdir():
+                    try:
+                        os.link(f, tmp / f.name)
+                    except OSError:
+                        shutil.copy2(f, tmp / f.name)
+        else:
+            manifest = read_manifest(paths)
+            export_checkpoint(ckpt, paths.best, spec, manifest["tokenizer"]["vocab_size"], replace=True)
+    atomic_write(paths.best / "ftjob-best.json", json.dumps(best))
+    log.info("best model: step %d, validation loss %.4f -> %s", best["step"], best["loss"], paths.best)
+
+
+def generate_stage(spec: JobSpec, paths: RunPaths, model_dir: Path | None = None, name: str = "after") -> Path:
+    from .generate import samples_from_directory, write_samples
+
+    model_dir = model_dir or paths.final
+    if not (model_dir / "config.json").exists():
+        raise BadInput(f"no model in {model_dir}; train first (`ftjob train` or `ftjob run`)")
+    write_state(paths, stage=Stage.GENERATE)
+    records = samples_from_directory(model_dir, spec.generation)
+    with writing(paths.samples, f"samples/{name}", paths):
+        path = write_samples(records, paths.samples, name, weights=str(model_dir))
+    for r in records:
+        log.info("sample (%s) %r -> %r", name, r["prompt"], r["samples"][0])
+    return path
+
+
+def report_stage(paths: RunPaths, quiet: bool = False) -> Path:
+    from .report import write_report
+
+    with writing(paths.report, "the report", paths):
+        path = write_report(paths)
+    if not quiet:
+        log.info("report: %s", path)
+    return path

@@ -7,19 +7,16 @@ The plot uses matplotlib's Figure and Agg canvas directly, never pyplot, so no g
 from __future__ import annotations
 
 import html
-import json
+import io
 import math
-import os
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
-from . import spec as spec_lib
-from .errors import SpecError
-from .paths import RunPaths
-from .progress import format_duration
-from .runstate import read_jsonl, read_state
-from .status import FINISHED, parse_time
-from .train.checkpoint import complete_checkpoints, read_marker
+import yaml
+
+from .humanize import format_duration, megabytes, parse_time
+from .rundir import (FINISHED, RunPaths, atomic_write, checkpoint_bytes, complete_checkpoints, measured_figures,
+                     read_best, read_json, read_jsonl, read_marker, read_state)
 
 LAST_N = 10  # speed figures average the last N metrics records (the first ones include warm-up)
 OUTCOME = {"done": "finished", "trained": "finished training", "generate": "finished training, generating samples",
@@ -34,13 +31,12 @@ def write_report(paths: RunPaths) -> Path:
     name = spec.name if spec else paths.root.name
     parts = [f"# {name}: {_outcome(state, (paths.samples / 'after.jsonl').exists())}", "",
              f"Run directory `{paths.root}`; report written {time.strftime('%Y-%m-%d %H:%M:%S %z')}.", "",
-             *_spec_section(spec, state), *_data_section(_read_json(paths.manifest)),
-             *_training_section(metrics, state), *_validation_section(evals, state),
+             *_spec_section(spec, state), *_data_section(read_json(paths.manifest)),
+             *_training_section(metrics, state), *_validation_section(evals, state, read_best(paths)),
+             *_plan_section(read_json(paths.plan), measured_figures(paths, metrics)),
              "## Loss", "", "![loss](loss.png)", "",
              *_samples_section(paths), *_checkpoint_section(paths)]
-    tmp = paths.report.with_name(f".report.md.{os.getpid()}")  # replaced whole: a reader never sees half
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, paths.report)
+    atomic_write(paths.report, "\n".join(parts))  # replaced whole: a reader never sees half
     return paths.report
 
 
@@ -76,9 +72,9 @@ def plot_loss(paths: RunPaths) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = paths.loss_plot.with_name(f".loss.png.{os.getpid()}")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, paths.loss_plot)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
+    atomic_write(paths.loss_plot, png.getvalue())
     return paths.loss_plot
 
 
@@ -90,7 +86,7 @@ def _outcome(state: dict, sampled_after: bool) -> str:
     if stage is None:
         return "not started"
     if stage in FINISHED and sampled_after:  # `ftjob run` reports before it marks the run "done"
-        return "finished"
+        return "finished" + (" (stopped early)" if state.get("stopped_early") else "")
     where = f" at step {state.get('step')}" + (f" of {state['total_steps']}" if state.get("total_steps") else "")
     if stage in ("preempted", "diverged", "failed"):
         why = state.get("reason") or state.get("signal")
@@ -176,9 +172,15 @@ def _wall_seconds(metrics: list[dict]) -> float:
     return (metrics[-1].get("time", 0) - first.get("time", 0)) + window
 
 
-def _validation_section(evals: list[dict], state: dict) -> list[str]:
+def _validation_section(evals: list[dict], state: dict, best: dict | None) -> list[str]:
     if not evals:
         return ["## Validation", "", "No evaluation yet.", ""]
+    notes = []
+    if best:
+        notes.append(f"- best: validation loss {best['loss']:.4f} at step {best['step']} (`{best['checkpoint']}`, "
+                     "kept whatever keep_checkpoints says; exported to `best/`)")
+    if state.get("stopped_early"):
+        notes.append(f"- stopped early: {state['stopped_early']}")
     first, last = evals[0], evals[-1]
     label_first = "before training" if first["step"] == 0 else "first evaluation"
     label_last = "after training" if state.get("stage") in FINISHED else "latest evaluation"
@@ -188,7 +190,29 @@ def _validation_section(evals: list[dict], state: dict) -> list[str]:
         rows.append(("change", "", _change(first.get("loss"), last.get("loss"), ".4f"),
                      _change(first.get("perplexity"), last.get("perplexity"), ".2f")))
     return ["## Validation", "", f"Mean loss over all {last.get('blocks', 0):,} validation blocks.", "",
-            *_table(("", "step", "loss", "perplexity"), rows, right=3), ""]
+            *_table(("", "step", "loss", "perplexity"), rows, right=3), "", *notes, *([""] if notes else [])]
+
+
+def _plan_section(plan: dict | None, got: dict) -> list[str]:
+    """The plan made before training beside what the run measured: the estimate's error on every run."""
+    if not plan:
+        return []
+    est = plan.get("estimates", {})
+    rows = []
+    for label, key, got_key, fmt in (("tokens/s", "tokens_per_s", "tokens_per_s", lambda v: f"{v:,.0f}"),
+                                     ("checkpoint size", "checkpoint_bytes", "checkpoint_bytes", megabytes),
+                                     ("peak GPU memory", "peak_gpu_gib", "peak_gpu_gib", lambda v: f"{v:.2f} GiB"),
+                                     ("peak worker memory (RSS)", "peak_rss_mib", "peak_rss_mib",
+                                      lambda v: f"{v:,.0f} MiB")):
+        e, a = est.get(key), got.get(got_key)
+        if e is None and a is None:
+            continue
+        error = f"{100 * (e - a) / a:+.0f}%" if e and a else "-"
+        rows.append((label, fmt(e) if e is not None else "-", fmt(a) if a is not None else "-", error))
+    if not rows:
+        return []
+    return ["## Plan and measurement", "", f"Estimated by `ftjob plan` before training ({plan.get('basis', '')}).",
+            "", *_table(("figure", "plan", "measured", "plan error"), rows, right=3), ""]
 
 
 def _change(before, after, fmt: str) -> str:
@@ -236,10 +260,12 @@ def _checkpoint_section(paths: RunPaths) -> list[str]:
             m = read_marker(path)
         except (OSError, ValueError):
             continue
-        size = sum(f.get("bytes", 0) for f in m.get("files", {}).values()) / 1e6
+        size = checkpoint_bytes(m) / 1e6
         rows.append((f"`{path.name}`", str(m.get("time", "-")), f"{step:,}", f"{m.get('tokens', 0):,}", f"{size:,.1f}"))
     final = "present" if (paths.final / "config.json").exists() else "not exported yet"
-    lines = ["## Checkpoints", "", f"Final model (`final/`, Hugging Face format): {final}.", ""]
+    best = "present" if (paths.best / "config.json").exists() else "not exported yet"
+    lines = ["## Checkpoints", "", f"Final model (`final/`, Hugging Face format): {final}. Best model (`best/`): "
+             f"{best}.", ""]
     if not rows:
         return lines + ["No complete checkpoint yet.", ""]
     lines += ["Complete checkpoints, newest first:", ""]
@@ -250,17 +276,15 @@ def _checkpoint_section(paths: RunPaths) -> list[str]:
 
 
 def _load_spec(paths: RunPaths):
+    """spec.yaml as written by the job (every key present), read as plain YAML: the report reads files,
+    not the spec's validation rules."""
     try:
-        return spec_lib.load(paths.spec)
-    except SpecError:
+        raw = yaml.safe_load(paths.spec.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
         return None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), dict) for k in ("data", "model", "train")):
         return None
+    return SimpleNamespace(**{k: SimpleNamespace(**v) if isinstance(v, dict) else v for k, v in raw.items()})
 
 
 def _fmt(value, spec: str) -> str:

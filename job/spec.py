@@ -1,129 +1,167 @@
-"""The job spec: typed sections, loaded from YAML with `--set key.path=value` overrides.
+"""The job spec: pydantic models, one per section, loaded from YAML with `--set key.path=value` overrides.
 
-Validation is strict (unknown keys are errors, with a "did you mean") because a misspelt key that is
-silently ignored costs a whole cluster run. Every error names the dotted key and, when the key came from
-the file, the file's line.
+Validation is strict (unknown keys are errors, with a "did you mean"; no silent type coercion) because a
+misspelt key that is silently ignored costs a whole cluster run. Every error is one line that names the
+dotted key and, when the key came from the file, the file's line: `spec.yaml:14: data.shard: unknown key;
+did you mean 'shards'?`. Every field's description is the reference documentation of that key.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SpecError
 
 
-def _check(**rules):
-    """Field metadata: positive=True, min=..., max=..., nonempty=True."""
-    return rules
+def _number(value):
+    """YAML 1.1 reads `2e-4` as a string (it wants 2.0e-4); accept what a person means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
-@dataclass
-class DataSpec:
-    database: str = ""  # path to the SQLite file
-    table: Optional[str] = None  # read `text_column` from this table ...
-    text_column: str = "text"
-    query: Optional[str] = None  # ... or from one read-only SELECT returning the text as its first column
-    limit: Optional[int] = field(default=None, metadata=_check(positive=True))  # first N rows (rowid order)
-    valid_fraction: float = field(default=0.2, metadata=_check(min=0.0, max=0.9))
-    split_seed: int = 0  # sklearn train_test_split random_state; 0 reproduces the original run
-    shards: int = field(default=4, metadata=_check(positive=True))
-    block_size: int = field(default=64, metadata=_check(positive=True))
-    join: Literal["newline", "eos"] = "newline"  # what separates documents in the token stream
-    chunk_rows: int = field(default=2000, metadata=_check(positive=True))  # rows per SQLite fetch
-    workers: int = field(default=0, metadata=_check(min=0))  # tokenizer processes; 0 = one per core
+Number = Annotated[float, BeforeValidator(_number)]
 
 
-@dataclass
-class ModelSpec:
-    path: str = ""  # local directory or Hugging Face id (resolved offline from the local cache)
-    tokenizer: Optional[str] = None  # defaults to `path`
-    # A fresh, randomly initialised GPT-2 from these GPT2Config fields (smoke runs, training from
-    # scratch); the tokenizer still comes from `tokenizer` or `path`.
-    from_config: Optional[dict] = None
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-@dataclass
-class TrainSpec:
-    epochs: Optional[float] = field(default=1, metadata=_check(positive=True))
-    max_steps: Optional[int] = field(default=None, metadata=_check(positive=True))  # wins over epochs
-    micro_batch: int = field(default=8, metadata=_check(positive=True))  # sequences per device per micro-step
-    grad_accum: int = field(default=1, metadata=_check(positive=True))
-    lr: float = field(default=2e-4, metadata=_check(positive=True))
-    optimizer: Literal["adamw", "adafactor"] = "adamw"
-    weight_decay: float = field(default=0.0, metadata=_check(min=0.0))
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = field(default=0, metadata=_check(min=0))
-    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"  # auto: fp16 on GPU, fp32 on CPU
-    zero_stage: int = field(default=1, metadata=_check(min=0, max=3))
-    grad_clip: float = field(default=1.0, metadata=_check(min=0.0))  # 0 disables clipping
+class DataSpec(Section):
+    database: str = Field(min_length=1, description="path to the SQLite file")
+    table: Optional[str] = Field(None, description="read `text_column` from this table ...")
+    text_column: str = Field("text", description="the column that holds the documents' text")
+    query: Optional[str] = Field(None, description="... or one read-only SELECT whose first column is the text")
+    limit: Optional[int] = Field(None, gt=0, description="only the first N rows (in the table's order)")
+    valid_fraction: Number = Field(0.2, ge=0.0, le=0.9, description="share of documents held out for validation")
+    split_seed: int = Field(0, description="sklearn train_test_split random_state; 0 reproduces the original run")
+    shards: int = Field(4, gt=0, description="text/token shards per split (tokenised in parallel)")
+    block_size: int = Field(64, gt=0, description="tokens per training sequence")
+    join: Literal["newline", "eos"] = Field("newline", description="what separates documents in the token stream")
+    chunk_rows: int = Field(2000, gt=0, description="rows per SQLite fetch")
+    workers: int = Field(0, ge=0, description="tokenizer processes; 0 = one per core")
+
+
+class ModelSpec(Section):
+    path: str = Field(min_length=1, description="local directory or Hugging Face id already in the local cache")
+    tokenizer: Optional[str] = Field(None, description="tokenizer directory or id; defaults to `path`")
+    from_config: Optional[dict] = Field(None, description="GPT2Config fields: train a fresh, randomly initialised "
+                                        "model (smoke runs, training from scratch); the tokenizer still comes "
+                                        "from `tokenizer` or `path`")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel; flash_attention_2 needs the flash-attn package and a GPU")
+
+
+class TrainSpec(Section):
+    epochs: Optional[Number] = Field(1, gt=0, description="passes over the training blocks")
+    max_steps: Optional[int] = Field(None, gt=0, description="optimizer steps; wins over epochs")
+    micro_batch: int = Field(8, gt=0, description="sequences per process per micro-step")
+    grad_accum: int = Field(1, gt=0, description="micro-steps per optimizer step")
+    global_batch: Optional[int] = Field(None, gt=0, description="sequences per optimizer step; when set, "
+                                        "grad_accum is derived from it and the number of processes, so the "
+                                        "batch stays the same on any number of GPUs")
+    lr: Number = Field(2e-4, gt=0, description="peak learning rate")
+    optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="torch AdamW (fused on GPU), or "
+                                                     "Adafactor as HF Trainer's optim='adafactor' builds it")
+    weight_decay: Number = Field(0.0, ge=0.0)
+    adam_betas: list[Number] = Field(default_factory=lambda: [0.9, 0.999], description="AdamW's (beta1, beta2)")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU")
+    zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    grad_clip: Number = Field(1.0, ge=0.0, description="max gradient norm; 0 disables clipping")
     seed: int = 42
-    checkpoint_every: int = field(default=1000, metadata=_check(positive=True))  # optimizer steps
-    keep_checkpoints: int = field(default=2, metadata=_check(positive=True))
-    eval_every: int = field(default=500, metadata=_check(min=0))  # 0: only before and after training
-    sample_every: int = field(default=0, metadata=_check(min=0))  # 0: samples only before and after
-    log_every: int = field(default=10, metadata=_check(positive=True))  # steps between metrics lines
-    # fp16 guard: stop after this many consecutive steps with a non-finite loss or a skipped update
-    max_bad_steps: int = field(default=50, metadata=_check(positive=True))
-    # On divergence: stop (exit 4), or reload the last good checkpoint with a lower learning rate.
-    on_divergence: Literal["stop", "rollback"] = "stop"
-    rollback_lr_factor: float = field(default=0.5, metadata=_check(positive=True, max=1.0))
-    max_rollbacks: int = field(default=3, metadata=_check(min=0))
-    compile: bool = False  # torch.compile the model inside the engine (GPU)
-    dropout: Optional[float] = field(default=None, metadata=_check(min=0.0, max=1.0))  # None: model's own
+    checkpoint_every: int = Field(1000, gt=0, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, gt=0, description="newest complete checkpoints kept (the best is kept too)")
+    eval_every: int = Field(500, ge=0, description="steps between validation passes; 0: only before and after")
+    sample_every: int = Field(0, ge=0, description="steps between sample generations; 0: only before and after")
+    log_every: int = Field(10, gt=0, description="steps between metrics records")
+    early_stopping_patience: int = Field(0, ge=0, description="stop after this many evaluations without an "
+                                         "improvement of early_stopping_min_delta; 0: never stop early")
+    early_stopping_min_delta: Number = Field(0.0, ge=0.0, description="validation loss drop that counts as better")
+    max_bad_steps: int = Field(50, gt=0, description="fp16 guard: stop after this many consecutive skipped "
+                               "(overflowed) updates")
+    on_divergence: Literal["stop", "rollback"] = Field("stop", description="NaN/inf loss: stop (exit 4), or "
+                                                       "reload the last good checkpoint with a lower lr")
+    rollback_lr_factor: Number = Field(0.5, gt=0, le=1.0, description="lr multiplier per rollback")
+    max_rollbacks: int = Field(3, ge=0)
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
+                                         "about a third more compute")
+    compile: bool = Field(False, description="torch.compile the model inside the engine (GPU)")
+    dropout: Optional[Number] = Field(None, ge=0.0, le=1.0, description="override the model's dropout")
 
 
-@dataclass
-class GenerationSpec:
-    prompts: list[str] = field(default_factory=lambda: ["Once upon a time"], metadata=_check(nonempty=True))
+class GenerationSpec(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["Once upon a time"], min_length=1)
     do_sample: bool = True
-    num_beams: int = field(default=2, metadata=_check(positive=True))
-    temperature: float = field(default=1.5, metadata=_check(positive=True))
-    top_p: float = field(default=0.9, metadata=_check(positive=True, max=1.0))
-    max_length: int = field(default=30, metadata=_check(positive=True))
-    num_return_sequences: int = field(default=1, metadata=_check(positive=True))
+    num_beams: int = Field(2, gt=0)
+    temperature: Number = Field(1.5, gt=0)
+    top_p: Number = Field(0.9, gt=0, le=1.0)
+    max_length: int = Field(30, gt=0, description="tokens, the prompt included (as in the original run)")
+    num_return_sequences: int = Field(1, gt=0)
     seed: int = 42
 
+    @field_validator("prompts")
+    @classmethod
+    def _no_empty_prompt(cls, prompts: list[str]) -> list[str]:
+        if not all(p.strip() for p in prompts):
+            raise ValueError("must not be empty")
+        return prompts
 
-@dataclass
-class ResourcesSpec:
+
+class ResourcesSpec(Section):
     accelerator: Literal["auto", "cuda", "cpu"] = "auto"
-    procs_per_node: int = field(default=0, metadata=_check(min=0))  # 0: every GPU, or 2 processes on CPU
-    nnodes: int = field(default=1, metadata=_check(positive=True))  # overridden by Slurm/Kubernetes env
+    procs_per_node: int = Field(0, ge=0, description="processes per node; 0: one per GPU, or 2 on CPU")
+    nnodes: int = Field(1, gt=0, description="nodes; NNODES / Slurm / Kubernetes variables win")
+    node_timeout_s: Number = Field(120.0, gt=0, description="a node whose heartbeat stops this long is "
+                                   "taken for dead and the other nodes stop")
+    collective_timeout_s: Number = Field(1800.0, gt=0, description="longest wait inside one collective")
+    lock_heartbeat_s: Number = Field(30.0, gt=0, description="run-directory lock heartbeat; a lock from "
+                                     "another host silent for 3 of these is taken over")
 
 
-@dataclass
-class ReportSpec:
-    tensorboard: bool = False
-    log_interval_s: float = field(default=30.0, metadata=_check(positive=True))  # batch-log line period
+class ReportSpec(Section):
+    tensorboard: bool = Field(False, description="event files under tensorboard/")
+    log_interval_s: Number = Field(30.0, gt=0, description="period of progress lines in batch logs")
 
 
-@dataclass
-class JobSpec:
-    name: str = field(default="", metadata=_check(nonempty=True))
-    output_dir: str = field(default="", metadata=_check(nonempty=True))  # the mounted volume
-    data: DataSpec = field(default_factory=DataSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
-    generation: GenerationSpec = field(default_factory=GenerationSpec)
-    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    report: ReportSpec = field(default_factory=ReportSpec)
+def _section(value):
+    return {} if value is None else value  # `train:` with nothing under it means the defaults
+
+
+Sect = lambda cls: Annotated[cls, BeforeValidator(_section)]  # noqa: E731
+
+
+class JobSpec(Section):
+    name: str = Field(min_length=1, description="the run directory is output_dir/name")
+    output_dir: str = Field(min_length=1, description="the mounted volume")
+    data: Sect(DataSpec)
+    model: Sect(ModelSpec)
+    train: Sect(TrainSpec) = Field(default_factory=TrainSpec)
+    generation: Sect(GenerationSpec) = Field(default_factory=GenerationSpec)
+    resources: Sect(ResourcesSpec) = Field(default_factory=ResourcesSpec)
+    report: Sect(ReportSpec) = Field(default_factory=ReportSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if "/" in name or name in (".", ".."):
+            raise ValueError(f"must be a plain directory name, got {name!r}")
+        return name
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-REQUIRED = {"name", "output_dir", "data.database", "model.path"}
+        return self.model_dump()
 
 
 # ---------------------------------------------------------------- loading
@@ -166,14 +204,101 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSp
 
 def from_dict(raw: dict, lines: dict[str, int] | None = None, source: str | None = None) -> JobSpec:
     lines = lines or {}
-    spec = _build(JobSpec, raw, "", lines, source)
-    _check_required(raw, lines, source)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise _spec_error(e.errors()[0], lines, source) from None
     _check_cross_fields(spec, lines, source)
     return spec
 
 
 def dump(spec: JobSpec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def field_docs(model: type[BaseModel] = JobSpec, prefix: str = "") -> dict[str, str]:
+    """Every key's dotted name -> its description, for the README's spec reference."""
+    out = {}
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, Section):
+            out.update(field_docs(f.annotation, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = f.description or ""
+    return out
+
+
+# ---------------------------------------------------------------- errors as one line
+
+
+def _spec_error(err: dict, lines: dict, source: str | None) -> SpecError:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(p for p in loc if not p.isdigit())
+    value = err.get("input")
+    ctx = err.get("ctx") or {}
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        message = f"unknown key; did you mean '{close[0]}'?" if close else f"unknown key; allowed: {', '.join(allowed)}"
+    elif kind == "missing":
+        message = "is required"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        message = f"must be an integer, got {value!r}"
+    elif kind in ("float_type", "float_parsing"):
+        message = f"must be a number, got {value!r}"
+    elif kind == "finite_number":
+        message = f"must be a finite number, got {value!r}"
+    elif kind == "bool_type":
+        message = f"must be true or false, got {value!r}"
+    elif kind == "string_type":
+        message = f"must be a string, got {_typename(value)} {value!r}"
+    elif kind == "list_type":
+        message = f"must be a list, got {_typename(value)}"
+    elif kind in ("model_type", "dict_type"):
+        message = f"must be a {'section (mapping)' if kind == 'model_type' else 'mapping'}, got {_typename(value)}"
+    elif kind == "literal_error":
+        choices = ", ".join(a.strip("'") for a in ctx.get("expected", "").replace(" or ", ", ").split(", "))
+        message = f"must be one of {choices}; got {value!r}"
+    elif kind == "greater_than":
+        message = f"must be greater than {ctx['gt']}, got {value}"
+    elif kind == "greater_than_equal":
+        message = f"must be at least {ctx['ge']}, got {value}"
+    elif kind in ("less_than_equal", "less_than"):
+        message = f"must be at most {ctx.get('le', ctx.get('lt'))}, got {value}"
+    elif kind in ("too_short", "string_too_short"):
+        message = "must not be empty"
+    elif kind == "value_error":
+        message = str(ctx.get("error", err["msg"]))
+    else:
+        message = err["msg"]
+    if len(loc) > 1 and loc[-1].isdigit():
+        key = f"{key}[{loc[-1]}]"
+    line = lines.get(key.split("[")[0]) or lines.get(".".join(key.split(".")[:-1]))
+    return SpecError(key, message, line, source)
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        model = model.model_fields[part].annotation
+    return list(model.model_fields)
+
+
+def _check_cross_fields(spec: JobSpec, lines, source):
+    d, t, g = spec.data, spec.train, spec.generation
+    if d.query and d.table:
+        raise SpecError("data.query", "give either data.table (with data.text_column) or data.query, not both",
+                        lines.get("data.query"), source)
+    if not d.query and not d.table:
+        raise SpecError("data.table", "is required (or give data.query)", lines.get("data"), source)
+    if t.max_steps is None and t.epochs is None:
+        raise SpecError("train.epochs", "give train.epochs or train.max_steps", lines.get("train"), source)
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise SpecError("train.adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]",
+                        lines.get("train.adam_betas"), source)
+    if g.do_sample is False and g.num_return_sequences > g.num_beams:
+        raise SpecError("generation.num_return_sequences", "greedy/beam search cannot return more sequences "
+                        "than generation.num_beams", lines.get("generation.num_return_sequences"), source)
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -199,7 +324,7 @@ def _apply_override(raw: dict, item: str) -> None:
         raise SpecError("", f"--set {item!r}: expected key.path=value, e.g. --set train.epochs=1")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
-    node = raw
+    node: Any = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
@@ -209,126 +334,6 @@ def _apply_override(raw: dict, item: str) -> None:
         node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         node[parts[-1]] = value
-
-
-_SENTINEL = object()
-
-
-def _build(cls, raw: Any, prefix: str, lines: dict, source: str | None):
-    if not isinstance(raw, dict):
-        raise SpecError(prefix.rstrip("."), f"must be a section (mapping), got {_typename(raw)}",
-                        lines.get(prefix.rstrip(".")), source)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(fields)}"
-            raise SpecError(f"{prefix}{key}", f"unknown key{hint}", lines.get(f"{prefix}{key}"), source)
-    values = {}
-    for name, f in fields.items():
-        key = f"{prefix}{name}"
-        if name not in raw:
-            continue
-        value = raw[name]
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value if value is not None else {}, key + ".", lines, source)
-        else:
-            values[name] = _coerce(value, hint, key, lines.get(key), source)
-            _check_rules(values[name], f.metadata, key, lines.get(key), source)
-    return cls(**values)
-
-
-def _coerce(value, hint, key, line, source):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, key, line, source)
-    if origin is Literal:
-        if value not in args:
-            raise SpecError(key, f"must be one of {', '.join(map(str, args))}; got {value!r}", line, source)
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise SpecError(key, f"must be a list, got {_typename(value)}", line, source)
-        return [_coerce(v, args[0], f"{key}[{i}]", line, source) for i, v in enumerate(value)]
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise SpecError(key, f"must be a mapping, got {_typename(value)}", line, source)
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise SpecError(key, f"must be true or false, got {value!r}", line, source)
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(key, f"must be an integer, got {value!r}", line, source)
-        return value
-    if hint is float:
-        # YAML reads 2e-4 as a string (it wants 2.0e-4); accept what a person means.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(key, f"must be a number, got {value!r}", line, source)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise SpecError(key, f"must be a finite number, got {value!r}", line, source)
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise SpecError(key, f"must be a string, got {_typename(value)} {value!r}", line, source)
-        return value
-    raise TypeError(f"unsupported spec type {hint} for {key}")  # a bug in this file, not user input
-
-
-def _check_rules(value, rules, key, line, source):
-    if value is None or not rules:
-        return
-    if rules.get("nonempty") and (len(value) == 0 or (isinstance(value, list) and not all(
-            str(v).strip() for v in value)) or (isinstance(value, str) and not value.strip())):
-        raise SpecError(key, "must not be empty", line, source)
-    if isinstance(value, (int, float)):
-        if rules.get("positive") and value <= 0:
-            raise SpecError(key, f"must be greater than 0, got {value}", line, source)
-        if "min" in rules and value < rules["min"]:
-            raise SpecError(key, f"must be at least {rules['min']}, got {value}", line, source)
-        if "max" in rules and value > rules["max"]:
-            raise SpecError(key, f"must be at most {rules['max']}, got {value}", line, source)
-
-
-def _check_required(raw: dict, lines, source):
-    for key in sorted(REQUIRED):
-        node: Any = raw
-        for part in key.split("."):
-            node = node.get(part, _SENTINEL) if isinstance(node, dict) else _SENTINEL
-        if node is _SENTINEL or node in (None, ""):
-            raise SpecError(key, "is required", lines.get(key), source)
-
-
-def _check_cross_fields(spec: JobSpec, lines, source):
-    d = spec.data
-    if d.query and d.table:
-        raise SpecError("data.query", "give either data.table (with data.text_column) or data.query, not both",
-                        lines.get("data.query"), source)
-    if not d.query and not d.table:
-        raise SpecError("data.table", "is required (or give data.query)", lines.get("data"), source)
-    if spec.train.max_steps is None and spec.train.epochs is None:
-        raise SpecError("train.epochs", "give train.epochs or train.max_steps", lines.get("train"), source)
-    if len(spec.train.adam_betas) != 2 or not all(0 <= b < 1 for b in spec.train.adam_betas):
-        raise SpecError("train.adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]",
-                        lines.get("train.adam_betas"), source)
-    if "/" in spec.name or spec.name in (".", ".."):
-        raise SpecError("name", f"must be a plain directory name, got {spec.name!r}", lines.get("name"), source)
-    g = spec.generation
-    if g.do_sample is False and g.num_return_sequences > g.num_beams:
-        raise SpecError("generation.num_return_sequences", "greedy/beam search cannot return more sequences "
-                        "than generation.num_beams", lines.get("generation.num_return_sequences"), source)
 
 
 def _typename(value) -> str:

@@ -1,57 +1,19 @@
 """Where a run stands, from the files in its run directory alone.
 
 `ftjob status RUN_DIR` runs on a login node while the job runs on some other node: it reads state.json,
-the JSON-lines logs, the checkpoint markers and the lock file, and never imports DeepSpeed or loads a model.
-Whether a job is alive is answered by the flock on .lock (released by the kernel when the job dies), not by
-state.json, which a killed job leaves saying "train".
+the JSON-lines logs, the checkpoint markers, the plan and the lock file, and imports no torch. Whether a
+job is alive is answered by the flock on .lock (released by the kernel when the job dies) and its
+heartbeat, not by state.json, which a killed job leaves saying "train".
 """
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from pathlib import Path
 
 from .errors import BadInput
-from .lock import holder_info, is_held
-from .paths import RunPaths
-from .runstate import read_jsonl, read_state
-from .train.checkpoint import complete_checkpoints, read_marker
-
-FINISHED = {"trained", "generate", "done"}  # training is over in these stages
-STOPPED = {"preempted", "diverged", "failed"}  # the job ended before finishing
-
-
-def parse_time(value) -> float | None:
-    """Unix seconds from a unix number or a timestamp string such as "2024-05-01T12:00:00+0200"."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
-
-
-def format_age(seconds: float) -> str:
-    """12s, 5m 03s, 2h 05m, 3d 04h."""
-    s = int(max(0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
-
-
-def ago(value, now: float | None = None) -> str:
-    """`value` (a timestamp) as written plus its age: "2024-05-01T12:00:00+0200 (12s ago)"."""
-    t = parse_time(value)
-    if t is None:
-        return "unknown" if value is None else str(value)
-    shown = value if isinstance(value, str) else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
-    return f"{shown} ({format_age((now or time.time()) - t)} ago)"
+from .humanize import ago, format_age, megabytes, parse_time
+from .rundir import (FINISHED, STOPPED, RunPaths, holder_info, is_held, measured_figures, newest_checkpoint_info,
+                     read_best, read_json, read_jsonl, read_state)
 
 
 def run_paths(run_dir: Path | str) -> RunPaths:
@@ -68,28 +30,15 @@ def run_paths(run_dir: Path | str) -> RunPaths:
     return paths
 
 
-def newest_checkpoint(paths: RunPaths) -> dict | None:
-    """Name, path and marker fields of the newest checkpoint with a completion marker."""
-    for step, path in complete_checkpoints(paths.checkpoints):
-        try:
-            marker = read_marker(path)
-        except (OSError, ValueError):
-            continue  # marker being replaced or damaged; an older one still counts
-        return {"name": path.name, "path": path, **marker, "step": step}
-    return None
-
-
 def collect_status(run_dir: Path | str) -> dict:
     """Everything `status_text` shows, as plain values (for `ftjob status --json` or a dashboard)."""
     paths = run_paths(run_dir)
     metrics, evals = read_jsonl(paths.metrics), read_jsonl(paths.evals)
     held = is_held(paths)
-    ckpt = newest_checkpoint(paths)
-    if ckpt:
-        ckpt = {k: v for k, v in ckpt.items() if k != "files"} | {"path": str(ckpt["path"])}
     return {"run_dir": str(paths.root), "state": read_state(paths), "last_metrics": metrics[-1] if metrics else None,
-            "last_eval": evals[-1] if evals else None, "checkpoint": ckpt, "held": held,
-            "holder": holder_info(paths) if held else None, "final": (paths.final / "config.json").exists()}
+            "last_eval": evals[-1] if evals else None, "checkpoint": newest_checkpoint_info(paths), "held": held,
+            "holder": holder_info(paths) if held else None, "final": (paths.final / "config.json").exists(),
+            "best": read_best(paths), "plan": read_json(paths.plan), "measured": measured_figures(paths, metrics)}
 
 
 def status_text(run_dir: Path | str, now: float | None = None) -> str:
@@ -103,15 +52,37 @@ def status_text(run_dir: Path | str, now: float | None = None) -> str:
             ("epoch", _num(state.get("epoch"), ".2f")),
             ("train loss", _train(s["last_metrics"])),
             ("valid loss", _valid(s["last_eval"])),
+            ("best", _best(s["best"])),
             ("checkpoint", _checkpoint(s["checkpoint"], now)),
             ("job", _holder(s["holder"], now) if s["held"] else "no live job holds the run directory"),
             ("updated", ago(state.get("updated"), now) if state.get("updated") else "never (no state.json yet)"),
             ("final model", "present (final/)" if s["final"] else "not yet")]
-    for extra in ("reason", "signal"):  # why a run stopped (diverged / preempted)
+    if s["plan"]:
+        rows += _plan_rows(s["plan"], s["measured"])
+    for extra in ("reason", "signal", "stopped_early"):  # why a run stopped (diverged / preempted / early)
         if state.get(extra):
-            rows.insert(2, (extra, str(state[extra])))
+            rows.insert(2, (extra.replace("_", " "), str(state[extra])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in rows)
+
+
+def _plan_rows(plan: dict, got: dict) -> list[tuple[str, str]]:
+    """Plan beside measurement, so the estimate's error is visible on every run."""
+    def pair(estimate, actual, fmt):
+        shown = fmt(estimate) if estimate is not None else "-"
+        if actual is None:
+            return f"plan {shown}, measured: not yet"
+        error = f" ({100 * (estimate - actual) / actual:+.0f}%)" if estimate and actual else ""
+        return f"plan {shown}, measured {fmt(actual)}{error}"
+
+    est = plan.get("estimates", plan)
+    rows = [("tokens/s", pair(est.get("tokens_per_s"), got["tokens_per_s"], lambda v: f"{v:,.0f}")),
+            ("checkpoint size", pair(est.get("checkpoint_bytes"), got["checkpoint_bytes"], megabytes))]
+    if est.get("peak_gpu_gib") is not None or got["peak_gpu_gib"] is not None:
+        rows.append(("peak GPU memory", pair(est.get("peak_gpu_gib"), got["peak_gpu_gib"], lambda v: f"{v:.2f} GiB")))
+    if est.get("peak_rss_mib") is not None:
+        rows.append(("peak worker RSS", pair(est.get("peak_rss_mib"), got["peak_rss_mib"], lambda v: f"{v:,.0f} MiB")))
+    return rows
 
 
 def _stage(state: dict, held: bool) -> str:
@@ -152,6 +123,12 @@ def _valid(e: dict | None) -> str:
     return f"{_num(e.get('loss'), '.4f')} (perplexity {_num(e.get('perplexity'), '.2f')}) at step {e.get('step')}"
 
 
+def _best(b: dict | None) -> str:
+    if not b:
+        return "- (no evaluation after training started yet)"
+    return f"validation loss {b['loss']:.4f} at step {b['step']} ({b['checkpoint']}; exported to best/ at the end)"
+
+
 def _checkpoint(c: dict | None, now: float) -> str:
     if not c:
         return "none complete yet"
@@ -164,4 +141,5 @@ def _holder(h: dict | None, now: float) -> str:
     if not h:
         return "running (holder unknown)"
     since = f" since {ago(h['since'], now)}" if h.get("since") else ""
-    return f"running: pid {h.get('pid')} on {h.get('host')}{since}"
+    beat = f", heartbeat {format_age(now - h['time'])} ago" if isinstance(h.get("time"), (int, float)) else ""
+    return f"running: pid {h.get('pid')} on {h.get('host')}{since}{beat}"

@@ -12,18 +12,16 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .. import model as model_lib
+from .. import pretrained
 from ..errors import DataError
-from ..fileutil import sha256_file
-from ..paths import RunPaths
 from ..progress import Progress
+from ..rundir import RunPaths, atomic_dir, read_manifest, sha256_file
 from ..spec import JobSpec
 from .shards import TokenShard, token_dtype, write_token_shard
 from .sqlite_source import TextSource, check_source, iter_texts
@@ -39,23 +37,38 @@ def text_source(spec: JobSpec) -> TextSource:
     return TextSource(d.database, d.table, d.text_column, d.query, d.limit, d.chunk_rows)
 
 
-def input_hash(spec: JobSpec, tokenizer_hash: str) -> str:
-    """What the shards depend on. The database counts by size and modification time, not content:
-    hashing a many-GB file on every start would cost more than the check saves."""
-    d = spec.data
-    st = os.stat(d.database)
-    inputs = {"format": FORMAT_VERSION, "database": [str(Path(d.database).resolve()), st.st_size, st.st_mtime_ns],
-              "table": d.table, "text_column": d.text_column, "query": d.query, "limit": d.limit,
-              "valid_fraction": d.valid_fraction, "split_seed": d.split_seed, "shards": d.shards,
-              "block_size": d.block_size, "join": d.join, "tokenizer": tokenizer_hash}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+# The data keys that decide which blocks a run trains on; `database` (where the rows come from) is the
+# source, tracked apart: a run keeps its own snapshot when only the source changed.
+SETTINGS_KEYS = ("table", "text_column", "query", "limit", "valid_fraction", "split_seed", "shards", "block_size",
+                 "join")
 
 
-def read_manifest(paths: RunPaths) -> dict | None:
-    try:
-        return json.loads(paths.manifest.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def data_settings(spec: JobSpec, tokenizer_hash: str) -> dict:
+    return {**{k: getattr(spec.data, k) for k in SETTINGS_KEYS}, "tokenizer": tokenizer_hash,
+            "format": FORMAT_VERSION}
+
+
+def source_identity(spec: JobSpec) -> dict:
+    """The database by path, size and modification time, not content: hashing a many-GB file on every
+    start would cost more than the check saves."""
+    st = os.stat(spec.data.database)
+    return {"database": str(Path(spec.data.database).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def input_hash(settings: dict, source: dict) -> str:
+    """What the shards depend on: rebuilt when this changes (and the run has no checkpoint yet)."""
+    return hashlib.sha256(json.dumps({**settings, "source": source}, sort_keys=True).encode()).hexdigest()
+
+
+def changed_settings(manifest: dict, settings: dict) -> list[str]:
+    """The data keys whose value differs from the one the prepared data was built with."""
+    built = manifest.get("settings", {})
+    return [k for k in settings if built.get(k) != settings[k]]
+
+
+def tokenizer_for(spec: JobSpec):
+    name = spec.model.tokenizer or spec.model.path
+    return name, pretrained.load_tokenizer(name, "model.tokenizer" if spec.model.tokenizer else "model.path")
 
 
 def manifest_is_current(paths: RunPaths, expected_hash: str) -> bool:
@@ -73,36 +86,32 @@ def manifest_is_current(paths: RunPaths, expected_hash: str) -> bool:
 def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: float = 30.0) -> dict:
     """Build the data directory, or do nothing when the manifest says the inputs have not changed."""
     check_source(text_source(spec))
-    tok_name = spec.model.tokenizer or spec.model.path
-    tok = model_lib.load_tokenizer(tok_name, "model.tokenizer" if spec.model.tokenizer else "model.path")
-    expected = input_hash(spec, model_lib.tokenizer_fingerprint(tok))
+    tok_name, tok = tokenizer_for(spec)
+    settings, source = data_settings(spec, pretrained.tokenizer_fingerprint(tok)), source_identity(spec)
+    expected = input_hash(settings, source)
     if not force and manifest_is_current(paths, expected):
         log.info("prepare: inputs unchanged since %s, nothing to do (%s)", read_manifest(paths)["created"],
                  paths.manifest)
         return read_manifest(paths)
 
     t0 = time.perf_counter()
-    build = paths.root / f".data-building-{os.getpid()}"
-    shutil.rmtree(build, ignore_errors=True)
-    (build / "text").mkdir(parents=True)
-    (build / "tokens").mkdir()
-    try:
+    text_dir, token_dir = (p.relative_to(paths.data) for p in (paths.text_shards, paths.token_shards))
+    with atomic_dir(paths.data) as build:
+        (build / text_dir).mkdir()
+        (build / token_dir).mkdir()
         counts, offsets, all_docs = _collect(spec, build, interval_s)
         split_order = _split(len(offsets), spec.data.valid_fraction, spec.data.split_seed)
-        text_shards = _write_text_shards(all_docs, offsets, split_order, spec.data.shards, build)
+        text_shards = _write_text_shards(all_docs, offsets, split_order, spec.data.shards, build / text_dir)
         all_docs.unlink()
         t_text = time.perf_counter() - t0
         separator = _separator_ids(tok, spec.data.join)
         dtype = token_dtype(len(tok))
         tokenise = functools.partial(tokenise_shard, build=build, tok_name=tok_name, separator=separator,
-                                     block_size=spec.data.block_size, dtype=dtype.str)
+                                     block_size=spec.data.block_size, dtype=dtype.str, token_dir=str(token_dir))
         token_stats = _tokenise_all(text_shards, tokenise, spec.data.workers, interval_s)
-        manifest = _manifest(spec, tok, tok_name, expected, counts, split_order, text_shards, token_stats,
-                             separator, dtype, t_text, time.perf_counter() - t0)
-        (build / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        _swap_in(build, paths.data)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+        manifest = _manifest(spec, tok, tok_name, expected, settings, source, counts, split_order, text_shards,
+                             token_stats, separator, dtype, t_text, time.perf_counter() - t0)
+        (build / paths.manifest.name).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
     log.info("prepare: %d rows read, %d dropped, %d train / %d valid documents, %d / %d blocks of %d tokens "
              "in %.1fs", counts["rows_read"], counts["rows_dropped"], manifest["splits"]["train"]["documents"],
              manifest["splits"]["valid"]["documents"], manifest["splits"]["train"]["blocks"],
@@ -144,7 +153,7 @@ def _split(n_docs: int, valid_fraction: float, seed: int) -> dict[str, np.ndarra
     return {"train": train, "valid": valid}
 
 
-def _write_text_shards(all_docs: Path, offsets: np.ndarray, split_order, n_shards: int, build: Path):
+def _write_text_shards(all_docs: Path, offsets: np.ndarray, split_order, n_shards: int, text_dir: Path):
     """Each split's documents, in split order, cut into n contiguous text shards (JSON lines)."""
     shards = {}
     with open(all_docs, "rb") as src:
@@ -152,9 +161,9 @@ def _write_text_shards(all_docs: Path, offsets: np.ndarray, split_order, n_shard
             shards[split] = []
             n = min(n_shards, max(1, len(order)))
             for i, part in enumerate(np.array_split(order, n)):
-                rel = f"text/{split}-{i:05d}.jsonl"
+                rel = f"{text_dir.name}/{split}-{i:05d}.jsonl"
                 h, size = hashlib.sha256(), 0
-                with open(build / rel, "wb") as out:
+                with open(text_dir / Path(rel).name, "wb") as out:
                     for doc in part:
                         src.seek(int(offsets[doc]))
                         line = src.readline()
@@ -195,12 +204,12 @@ def _tokenise_all(text_shards, tokenise, workers, interval_s):
 
 
 def tokenise_shard(shard: dict, build: Path, tok_name: str, separator: list[int], block_size: int,
-                   dtype: str) -> dict:
+                   dtype: str, token_dir: str) -> dict:
     """One text shard -> one token shard. Runs in a worker process; documents are joined by `separator`
     and the stream is cut into blocks of block_size, the tail shorter than a block dropped (as the
     original run's TextDataset did)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per shard already uses every core
-    tok = model_lib.load_tokenizer(tok_name)
+    tok = pretrained.load_tokenizer(tok_name)
     # The Rust tokenizer directly: skips the Python BatchEncoding wrapper, and encode_batch_fast skips
     # character offsets we never use (about 30% faster than tok(batch) on one core).
     backend = tok.backend_tokenizer
@@ -223,14 +232,14 @@ def tokenise_shard(shard: dict, build: Path, tok_name: str, separator: list[int]
     n_tokens = len(stream)
     n_blocks = n_tokens // block_size
     blocks = stream[: n_blocks * block_size].astype(dtype).reshape(n_blocks, block_size)
-    rel = shard["text"].replace("text/", "tokens/").replace(".jsonl", ".bin")
+    rel = f"{token_dir}/{Path(shard['text']).stem}.bin"
     write_token_shard(build / rel, blocks)
     return {"tokens": rel, "n_tokens": int(n_tokens), "blocks": int(n_blocks),
             "tokens_bytes": (build / rel).stat().st_size, "tokens_sha256": sha256_file(build / rel)}
 
 
-def _manifest(spec, tok, tok_name, expected, counts, split_order, text_shards, token_stats, separator, dtype,
-              t_text, t_total):
+def _manifest(spec, tok, tok_name, expected, settings, source, counts, split_order, text_shards, token_stats,
+              separator, dtype, t_text, t_total):
     splits = {}
     for split in SPLITS:
         shards = [{**s, **token_stats[(split, s["text"])]} for s in text_shards[split]]
@@ -239,21 +248,12 @@ def _manifest(spec, tok, tok_name, expected, counts, split_order, text_shards, t
                          "text_bytes": sum(s["text_bytes"] for s in shards)}
     return {
         "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "input_hash": expected,
-        "source": text_source(spec).describe(), **counts,
-        "tokenizer": {"source": tok_name, "fingerprint": model_lib.tokenizer_fingerprint(tok),
+        "source": text_source(spec).describe(), "settings": settings, "source_identity": source, **counts,
+        "tokenizer": {"source": tok_name, "fingerprint": pretrained.tokenizer_fingerprint(tok),
                       "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "separator": separator},
         "block_size": spec.data.block_size, "dtype": dtype.name, "join": spec.data.join, "splits": splits,
         "seconds": {"text": round(t_text, 3), "tokenise": round(t_total - t_text, 3), "total": round(t_total, 3)},
     }
-
-
-def _swap_in(build: Path, data_dir: Path) -> None:
-    """Replace data/ by the new build with renames, so a kill leaves either the old or the new data."""
-    old = data_dir.with_name(data_dir.name + f".old-{os.getpid()}")
-    if data_dir.exists():
-        data_dir.rename(old)
-    build.rename(data_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def open_split(paths: RunPaths, split: str) -> list[TokenShard]:

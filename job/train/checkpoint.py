@@ -1,17 +1,20 @@
-"""Checkpoints that count only when complete.
+"""Checkpoints that count only when complete, and the Checkpointer that decides when one is due.
 
 DeepSpeed writes its `latest` pointer with a plain write, so a kill during a save can leave it naming a
 torn checkpoint. Here a checkpoint is written under `.tmp-step-N`, its completion marker COMPLETE.json
-(step, tokens seen, size and sha256 of every file) is written last, and only then is the folder renamed
-to `step-N` and the `latest` pointer replaced with os.replace. Resume trusts the marker, never the pointer.
+(step, tokens, world size, the data's fingerprint, size and sha256 of every file) is written last, and only
+then is the folder renamed to `step-N` and `latest` replaced. Resume trusts the marker, never the pointer.
+
+A checkpoint written by another number of processes is loaded from DeepSpeed's universal form
+(`ds_to_universal`, made once beside it by `to_universal`), so a run can resume on fewer or more GPUs.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
-import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -19,68 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import debug
-from ..fileutil import sha256_file
+from .. import faults
+from ..errors import BadInput, VolumeError
+from ..rundir import (RunPaths, atomic_write, checkpoint_bytes, checkpoint_name, describe_volume,
+                      looks_like_volume_failure, newest_complete, point_latest, prune_checkpoints, read_best,
+                      read_marker, replace_dir, write_marker)
 
 log = logging.getLogger("ftjob")
 
-MARKER = "COMPLETE.json"
 DS_TAG = "ds"  # DeepSpeed's own files live in <checkpoint>/ds/
-_NAME = re.compile(r"^step-(\d{8})$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of checkpoints that carry a completion marker, newest first."""
-    if not root.exists():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and (p / MARKER).exists():
-            found.append((int(m.group(1)), p))
-    return sorted(found, reverse=True)
-
-
-def newest_complete(root: Path, verify: bool = True) -> Path | None:
-    for step, path in complete_checkpoints(root):
-        problem = verify_checkpoint(path) if verify else None
-        if problem is None:
-            return path
-        log.warning("checkpoint %s is damaged (%s); trying an older one", path, problem)
-    return None
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """None if every file the marker lists is there with its size and sha256, else what is wrong."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable marker: {e}"
-    for rel, info in marker["files"].items():
-        f = path / rel
-        if not f.exists():
-            return f"missing {rel}"
-        if f.stat().st_size != info["bytes"]:
-            return f"{rel} has {f.stat().st_size} bytes, expected {info['bytes']}"
-        if sha256_file(f) != info["sha256"]:
-            return f"{rel} checksum mismatch"
-    return None
-
-
-def read_marker(path: Path) -> dict:
-    return json.loads((path / MARKER).read_text())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+UNIVERSAL_TAG = "ds_universal"  # ... and their universal form, when a resume needed one
 
 
 def rng_state() -> dict:
@@ -98,74 +49,120 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, root: Path, step: int, trainer_state: dict, keep: int, rank: int, barrier) -> Path:
-    """Collective: every rank calls it. Returns the final path of the complete checkpoint."""
+def trainer_state_of(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def to_universal(path: Path, optimizer: str, zero_stage: int) -> None:
+    """Write <checkpoint>/ds_universal (per-parameter weights and optimizer states), once, so processes of
+    another world size can load it. DeepSpeed's converter knows Adam's states only."""
+    out = path / UNIVERSAL_TAG
+    if (out / "zero").is_dir() or zero_stage == 0:
+        return  # done before; or ZeRO 0, whose optimizer state is whole on every rank already
+    if optimizer != "adamw":
+        raise BadInput(f"train.optimizer: resuming a {optimizer} ZeRO-{zero_stage} checkpoint ({path.name}) on "
+                       "another number of processes is not supported (DeepSpeed's universal checkpoint holds "
+                       "Adam's states only); resume with the same number of processes, or use --restart")
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = path / f".{UNIVERSAL_TAG}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    tmp = root / f".tmp-{checkpoint_name(step)}"
-    final = root / checkpoint_name(step)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a torn attempt at this same step
-        tmp.mkdir()
-    barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng-rank{rank:05d}.pt")
-    barrier()
-    debug.maybe_kill_in_save(step, rank)
-    if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        files = {}
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-                files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        marker = {"step": step, "tokens": trainer_state["tokens"], "epoch": trainer_state["epoch"],
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
-        _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():  # same step saved before (e.g. final save after a periodic one)
+    # inject_missing_state: a data-parallel model has no tensor-parallel layout to record, which the
+    # converter otherwise insists on finding in the checkpoint.
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its progress
+        ds_to_universal(Namespace(input_folder=str(path / DS_TAG), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    (path / "latest_universal").unlink(missing_ok=True)
+    replace_dir(tmp, out)
+    log.info("converted %s to a universal checkpoint for the new number of processes (%.1fs)", path.name,
+             time.perf_counter() - t0)
+
+
+class Checkpointer:
+    """Writes and reads this run's checkpoints. Collective: every rank calls save() and load()."""
+
+    def __init__(self, engine, paths: RunPaths, every: int, keep: int, rank: int, world: int, barrier,
+                 data_fingerprint: str):
+        self.engine, self.paths, self.every, self.keep = engine, paths, every, keep
+        self.rank, self.world, self.barrier, self.data_fingerprint = rank, world, barrier, data_fingerprint
+        self.last: Path | None = newest_complete(paths.checkpoints, verify=False)
+
+    def is_due(self, step: int, last_step: bool) -> bool:
+        return step % self.every == 0 and not last_step
+
+    def saved_at(self, step: int) -> bool:
+        return self.last is not None and self.last.name == checkpoint_name(step)
+
+    def save(self, step: int, trainer_state: dict) -> Path:
+        root = self.paths.checkpoints
+        tmp, final = root / f".tmp-{checkpoint_name(step)}", root / checkpoint_name(step)
+        t0 = time.perf_counter()
+        try:
+            if self.rank == 0:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # a torn attempt at this same step
+                tmp.mkdir()
+            self.barrier()
+            if faults.ACTIVE:
+                faults.delay("save")
+            self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+            torch.save(rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
+            self.barrier()
+            if faults.ACTIVE:
+                faults.kill_in_save(step, self.rank)
+            if self.rank == 0:
+                self._complete(tmp, final, step, trainer_state, t0)
+            self.barrier()
+        except Exception as e:
+            if not looks_like_volume_failure(e, root):
+                raise
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self.last.name if self.last else "none yet"
+            raise VolumeError(f"{describe_volume(root)} could not hold checkpoint {final.name} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); partial "
+                              f"files removed; last complete checkpoint: {last}; free space or move output_dir, "
+                              "then run again") from None
+        self.last = final
+        return final
+
+    def _complete(self, tmp: Path, final: Path, step: int, trainer_state: dict, t0: float) -> None:
+        atomic_write(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1))
+        marker = write_marker(tmp, step=step, tokens=trainer_state["tokens"], epoch=trainer_state["epoch"],
+                              world_size=self.world, data=self.data_fingerprint)
+        if final.exists():  # same step saved before (e.g. the final save after a periodic one)
             shutil.rmtree(final)
         tmp.rename(final)
-        _write_atomic(root / "latest", final.name + "\n")
-        _fsync_dir(root)
-        _prune(root, keep)
-        log.info("checkpoint %s complete (%.1f MB, %.1fs)", final,
-                 sum(v["bytes"] for v in files.values()) / 1e6, time.perf_counter() - t0)
-    barrier()
-    return final
+        point_latest(self.paths.checkpoints, final)
+        best = read_best(self.paths)
+        prune_checkpoints(self.paths.checkpoints, self.keep, protect={best["checkpoint"]} if best else set())
+        log.info("checkpoint %s complete (%.1f MB, %.1fs)", final, checkpoint_bytes(marker) / 1e6,
+                 time.perf_counter() - t0)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _prune(root: Path, keep: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep`, and torn temporary ones, only after a newer
-    complete one exists (this runs right after a save completed)."""
-    for _, path in complete_checkpoints(root)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
-    for p in root.glob(".tmp-step-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def load(engine, path: Path, rank: int) -> dict:
-    """Restore engine (model, optimizer, scheduler, loss scaler) and this rank's RNG; returns trainer state."""
-    t0 = time.perf_counter()
-    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {path}")
-    rng_file = path / f"rng-rank{rank:05d}.pt"
-    if rng_file.exists():
-        # weights_only=False: RNG states hold numpy objects; the file is the job's own (run directory only)
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    state = json.loads((path / "trainer_state.json").read_text())
-    if rank == 0:
-        log.info("resumed from %s (step %d, %.1fs)", path, state["step"], time.perf_counter() - t0)
-    return state
+    def load(self, path: Path) -> dict:
+        """Restore engine (model, optimizer, scheduler, loss scaler) and this rank's RNG; returns the
+        trainer state. Refuses a checkpoint of other data: resuming on it would be a different run."""
+        t0 = time.perf_counter()
+        marker = read_marker(path)
+        if marker.get("data", self.data_fingerprint) != self.data_fingerprint:
+            raise BadInput(f"checkpoint {path.name} was trained on other data (fingerprint {marker['data']}, the "
+                           f"run's data/ is {self.data_fingerprint}); use --restart to start over on this data")
+        universal = marker.get("world_size", self.world) != self.world
+        self.engine._config.load_universal_checkpoint = universal  # read by load_checkpoint only
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG if universal else DS_TAG,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        self.engine._config.load_universal_checkpoint = False
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}")
+        rng_file = path / f"rng-rank{self.rank:05d}.pt"
+        if not universal and rng_file.exists():
+            # weights_only=False: RNG states hold numpy objects; the file is the job's own (run directory only)
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        self.last = path
+        state = trainer_state_of(path)
+        if self.rank == 0:
+            log.info("resumed from %s (step %d, %.1fs)", path, state["step"], time.perf_counter() - t0)
+        return state

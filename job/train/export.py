@@ -1,11 +1,21 @@
-"""The final model in Hugging Face format (safetensors, config, tokenizer), loadable with no ftjob code."""
+"""Hugging Face directories (safetensors, config, tokenizer) that load with no ftjob code: `final/` from
+the live engine at the end of training, `best/` and `ftjob export` from a checkpoint on disk.
+
+Weights are exported in fp32 whatever the training precision: fp16 -> fp32 is exact, and fp32 is what a
+user loading with from_pretrained gets by default. Written with atomic_dir: a failure (a full volume)
+leaves the previous directory, or none, never half of one.
+"""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
+
+from .. import faults, pretrained
+from ..errors import BadInput
+from ..rundir import atomic_dir, read_marker, verify_checkpoint, writing
+from .checkpoint import DS_TAG
 
 log = logging.getLogger("ftjob")
 
@@ -19,18 +29,49 @@ def export_final(engine, tokenizer, out_dir: Path, rank: int, zero_stage: int) -
     if rank != 0:
         return
     module = engine.module
-    # Weights are exported in fp32 whatever the training precision: fp16 -> fp32 is exact, and fp32 is what
-    # a user loading with from_pretrained gets by default.
     state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     module.config.torch_dtype = torch.float32
-    module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with writing(out_dir, "the final model"), atomic_dir(out_dir) as tmp:
+        if faults.ACTIVE:
+            faults.delay("export")
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     log.info("exported the trained model to %s", out_dir)
+
+
+def checkpoint_state_dict(path: Path) -> dict:
+    """fp32 weights of a checkpoint. ZeRO checkpoints hold the fp32 master weights split across the
+    optimizer's partitions (DeepSpeed's zero_to_fp32 merges them); ZeRO 0 keeps them whole."""
+    ds_dir = path / DS_TAG
+    if list(ds_dir.glob("zero_*optim_states.pt")):
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
+        except ValueError:
+            pass  # not a ZeRO checkpoint (stage 0 with a client optimizer): the module states hold it all
+    # The job's own file from its own run directory, hence weights_only=False (DeepSpeed pickles).
+    states = torch.load(next(ds_dir.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def export_checkpoint(ckpt: Path, out: Path, spec, vocab_size: int | None, replace: bool = False) -> Path:
+    """A checkpoint of this job -> a Hugging Face directory, without starting DeepSpeed."""
+    problem = verify_checkpoint(ckpt)
+    if problem is not None:
+        raise BadInput(f"checkpoint {ckpt} is not complete ({problem})")
+    if out.exists() and not replace:
+        raise BadInput(f"{out} exists; choose another --out (nothing is overwritten)")
+    model = pretrained.load_model(spec.model, vocab_size)
+    missing, unexpected = model.load_state_dict(checkpoint_state_dict(ckpt), strict=False)
+    missing = [k for k in missing if not k.endswith("attn.bias") and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise BadInput(f"checkpoint {ckpt} does not match the spec's model (missing {missing[:3]}, "
+                       f"unexpected {unexpected[:3]})")
+    model.tie_weights()
+    tokenizer = pretrained.load_tokenizer(spec.model.tokenizer or spec.model.path)
+    with writing(out, f"the export of {ckpt.name}"), atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    log.info("exported %s (step %d) to %s", ckpt.name, read_marker(ckpt)["step"], out)
+    return out

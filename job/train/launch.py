@@ -1,109 +1,55 @@
-"""Build and run the deepspeed launcher command for this node, and pass preemption signals on to it.
+"""Run the deepspeed launcher for this node: its command, its environment, its output, its signals.
 
 One `ftjob` per node starts one launcher per node with `--no_ssh --node_rank`: no hostfile ssh, no
-passwordless ssh between pods or Slurm nodes. Where this node sits comes from the environment
-(Slurm, a Kubernetes Indexed Job, or plain variables); see node_info().
+passwordless ssh between pods or Slurm nodes. The launcher and its workers write into a pipe that this
+process reads line by line: every line goes to the run's log file, ftjob's own lines (and errors) to the
+console, progress events to the terminal's bar, a worker's one-line error to the caller.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 
-from ..errors import BadInput
-from ..paths import RunPaths
-from ..spec import JobSpec
+from ..cluster import NodeInfo, PeerWatch
+from ..logs import WorkerOutputFilter
+from ..progress import EVENT_PREFIX, EventBar
+from ..rundir import RunPaths
+from ..errors import WORKER_ERROR_PREFIX
 
 log = logging.getLogger("ftjob")
 
-
-@dataclass(frozen=True)
-class NodeInfo:
-    nnodes: int
-    node_rank: int
-    master_addr: str
-    master_port: int
-    procs_per_node: int
-    accelerator: str  # "cuda" or "cpu"
+WORKER_MODULE = "job.train.worker"
 
 
-def _env_int(names: tuple[str, ...], default: int) -> int:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            try:
-                return int(value)
-            except ValueError:
-                raise BadInput(f"environment variable {name}={value!r} must be an integer") from None
-    return default
-
-
-def detect_accelerator(spec: JobSpec) -> str:
-    if spec.resources.accelerator != "auto":
-        return spec.resources.accelerator
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def node_info(spec: JobSpec) -> NodeInfo:
-    """NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT / NPROC_PER_NODE win; then Kubernetes
-    (JOB_COMPLETION_INDEX) and Slurm (SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID) variables; then the spec."""
-    accelerator = detect_accelerator(spec)
-    nnodes = _env_int(("NNODES", "SLURM_NNODES"), spec.resources.nnodes)
-    node_rank = _env_int(("NODE_RANK", "JOB_COMPLETION_INDEX", "SLURM_NODEID"), 0)
-    if not 0 <= node_rank < nnodes:
-        raise BadInput(f"NODE_RANK {node_rank} is outside 0..{nnodes - 1} (NNODES={nnodes})")
-    slurm_job = _env_int(("SLURM_JOB_ID",), -1)
-    default_port = 20000 + slurm_job % 20000 if slurm_job >= 0 else (29500 if nnodes > 1 else _free_port())
-    port = _env_int(("MASTER_PORT",), default_port)
-    addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
-    if nnodes > 1 and addr == "127.0.0.1" and not os.environ.get("MASTER_ADDR"):
-        raise BadInput("NNODES > 1 needs MASTER_ADDR (the host name of node rank 0)")
-    procs = _env_int(("NPROC_PER_NODE",), spec.resources.procs_per_node)
-    if procs == 0:
-        if accelerator == "cuda":
-            import torch
-
-            procs = torch.cuda.device_count()
-        else:
-            procs = 2
-    return NodeInfo(nnodes, node_rank, addr, port, procs, accelerator)
-
-
-def launcher_command(paths: RunPaths, node: NodeInfo) -> list[str]:
-    """The real deepspeed launcher (deepspeed.launcher.runner), one node's worth of workers."""
-    paths.logs.mkdir(parents=True, exist_ok=True)
-    # The launcher learns the world's shape from a hostfile. With --no_ssh the names are only labels:
-    # nothing connects to them; rank 0's address is MASTER_ADDR.
-    hostfile = paths.logs / f"hostfile.node{node.node_rank}"
-    hostfile.write_text("".join(f"node-{i} slots={node.procs_per_node}\n" for i in range(node.nnodes)))
+def launcher_command(paths: RunPaths, node: NodeInfo, hostfile: Path) -> list[str]:
+    """The real deepspeed launcher (deepspeed.launcher.runner), one node's worth of workers. The launcher
+    learns the world's shape from a hostfile; with --no_ssh the names are only labels: nothing connects
+    to them, rank 0's address is MASTER_ADDR."""
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-           f"--node_rank={node.node_rank}", f"--master_addr={node.master_addr}",
-           f"--master_port={node.master_port}"]
+           f"--node_rank={node.node_rank}", f"--master_addr={node.master_addr}", f"--master_port={node.master_port}"]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if node.accelerator == "cuda" and visible:
         # The launcher would renumber devices from 0; keep the ones the scheduler gave this job.
         ids = ",".join(visible.split(",")[: node.procs_per_node])
         cmd.append("--include=" + "@".join(f"node-{i}:{ids}" for i in range(node.nnodes)))
-    return cmd + ["--module", "job.train.worker", "--run-dir", str(paths.root)]
+    return cmd + ["--module", WORKER_MODULE, "--run-dir", str(paths.root)]
 
 
-def worker_env(node: NodeInfo) -> dict:
+def hostfile_text(node: NodeInfo) -> str:
+    return "".join(f"node-{i} slots={node.procs_per_node}\n" for i in range(node.nnodes))
+
+
+def worker_env(node: NodeInfo, progress_events: bool) -> dict:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["FTJOB_PROGRESS"] = "events" if progress_events else "log"
     # Workers import `job` from wherever this process did, installed or from a checkout.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -121,13 +67,40 @@ def shm_buffers(node: NodeInfo) -> list[Path]:
     return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{node.master_addr}_{node.master_port}_*"))
 
 
-class Launch:
-    """Runs the launcher; SIGTERM/SIGUSR1/SIGINT to this process become SIGTERM to the launcher's
-    per-node process (deepspeed.launcher.launch), which forwards it to every worker. SIGUSR1 matters:
-    Slurm's --signal=B:USR1 reaches only the batch shell, and the launcher does not forward USR1."""
+def worker_processes(root_pid: int) -> list:
+    """The training workers below the launcher (not the launcher's own per-node `launch` process)."""
+    import psutil
 
-    def __init__(self, cmd: list[str], env: dict, node: NodeInfo):
-        self.cmd, self.env, self.node, self.signalled = cmd, env, node, 0
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in children:
+        try:
+            if WORKER_MODULE in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+class Launch:
+    """Runs the launcher. SIGTERM/SIGUSR1/SIGINT to this process become SIGTERM to the workers only:
+    DeepSpeed's per-node launch process SIGKILLs its workers 30 s after it gets a SIGTERM itself, which
+    would cap a checkpoint at 30 s whatever grace period the scheduler gives; it runs in a session of its
+    own so that a terminal's Ctrl-C does not reach it either. SIGUSR1 matters: Slurm's --signal=B:USR1
+    reaches only the batch shell, and the launcher does not forward USR1."""
+
+    def __init__(self, cmd: list[str], env: dict, node: NodeInfo, log_file: Path | None, verbose: bool = False,
+                 watch: PeerWatch | None = None, on_tick=None, bar: bool = False):
+        self.cmd, self.env, self.node, self.log_file = cmd, env, node, log_file
+        self.watch, self.on_tick = watch, on_tick
+        self.filter = WorkerOutputFilter(verbose)
+        self.bar = EventBar() if bar else None
+        self.signalled = 0
+        self.worker_error: dict | None = None  # the first worker's one-line error (a JobError)
+        self.peer_problem: str | None = None
         self.proc: subprocess.Popen | None = None
 
     def _forward(self, signum, frame):
@@ -135,34 +108,87 @@ class Launch:
         self.signalled = signum
         if first:
             log.info("received %s: asking the workers to checkpoint and stop", signal.Signals(signum).name)
-        if self.proc is None:
-            return
+        if self.proc is not None:
+            for p in worker_processes(self.proc.pid):
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except Exception:
+                    pass
+
+    def _kill_all(self) -> None:
         import psutil
 
         try:
-            targets = psutil.Process(self.proc.pid).children(recursive=True)
+            procs = psutil.Process(self.proc.pid).children(recursive=True) + [psutil.Process(self.proc.pid)]
         except psutil.NoSuchProcess:
             return
-        for p in targets:
+        for p in procs:
             try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
+                p.kill()
+            except psutil.Error:
                 pass
 
+    def _pump(self) -> None:
+        log_f = open(self.log_file, "a", encoding="utf-8", errors="replace") if self.log_file else None
+        try:
+            for line in self.proc.stdout:
+                self._line(line, log_f)
+        finally:
+            if log_f:
+                log_f.close()
+            if self.bar:
+                self.bar.close()
+
+    def _line(self, line: str, log_f) -> None:
+        if line.startswith(EVENT_PREFIX):
+            if self.bar:
+                self.bar.handle(line)
+            return
+        if line.startswith(WORKER_ERROR_PREFIX):
+            event = json.loads(line[len(WORKER_ERROR_PREFIX):])
+            self.worker_error = self.worker_error or event
+            line = f"[rank {event.get('rank')}] error: {event['message']}\n"
+        elif self.filter.console_wants(line):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        if log_f:
+            log_f.write(line)
+            log_f.flush()
+
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        previous = {s: signal.signal(s, self._forward) for s in handled}
+        pump = None
         try:
             log.info("launching: %s", " ".join(self.cmd))
-            self.proc = subprocess.Popen(self.cmd, env=self.env)
+            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+                                         errors="replace")
+            pump = threading.Thread(target=self._pump, name="ftjob-launcher-output", daemon=True)
+            pump.start()
             if self.signalled:  # a signal that came while starting
                 self._forward(self.signalled, None)
             while True:
                 try:
-                    return self.proc.wait()
+                    return self.proc.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    self._tick()
                 except InterruptedError:
                     continue
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            if pump is not None:
+                pump.join(timeout=10)
             for buffer in shm_buffers(self.node):
                 buffer.unlink(missing_ok=True)
+
+    def _tick(self) -> None:
+        if self.on_tick:
+            self.on_tick()
+        if self.watch and self.peer_problem is None:
+            self.peer_problem = self.watch.problem()
+            if self.peer_problem:
+                # The workers wait inside a collective for the lost node: nothing to save, end them now.
+                log.error("%s; stopping this node's workers", self.peer_problem)
+                self._kill_all()

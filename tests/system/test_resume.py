@@ -83,7 +83,7 @@ def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, 
     run = tmp_path / "runs" / "interrupted"
     trace = tmp_path / "trace"
     trace.mkdir()
-    env = {"FTJOB_TRACE_BLOCKS": str(trace), "FTJOB_DEBUG": "delay_step=0.05"}
+    env = {"FTJOB_TRACE_BLOCKS": str(trace), "FTJOB_FAULTS": "delay_step=0.05"}
     proc = start(spec, env)
     wait_until(lambda: any(m["step"] >= 7 for m in jsonl(run / "metrics.jsonl")), what="step 7")
     proc.send_signal(signal.SIGTERM)
@@ -115,7 +115,7 @@ def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, 
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(demo_spec, tmp_path):
     spec = resume_spec(tmp_path, demo_spec, "killed", train__max_steps=12, train__checkpoint_every=4)
     run = tmp_path / "runs" / "killed"
-    proc = run_ftjob("run", spec, env={"FTJOB_DEBUG": "kill_in_save=8"})
+    proc = run_ftjob("run", spec, env={"FTJOB_FAULTS": "kill_in_save=8"})
     assert proc.returncode not in (0, errors.PREEMPTED)
     port = re.search(r"--master_port=(\d+)", proc.stderr).group(1)
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # cleaned after a crash too
@@ -123,7 +123,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_usable(demo_sp
     assert (ckpts / ".tmp-step-00000008").exists() and not (ckpts / ".tmp-step-00000008" / "COMPLETE.json").exists()
     assert not (ckpts / "step-00000008").exists()
     assert (ckpts / "latest").read_text().strip() == "step-00000004"
-    from job.train.checkpoint import newest_complete
+    from job.rundir import newest_complete
 
     assert newest_complete(ckpts).name == "step-00000004"
 
@@ -140,7 +140,7 @@ def test_sigterm_during_the_first_step_and_during_evaluation(demo_spec, tmp_path
     # Attempt 1: the signal lands inside step 1 (each micro-step is slowed down), stops after it.
     # Attempt 2: it lands during the evaluation at step 3, which finishes; the checkpoint is step 3.
     for debug, where, expected in [("delay_step=1.5", ("train", 0), 1), ("delay_eval=2", ("eval", 3), 3)]:
-        proc = start(spec, {"FTJOB_DEBUG": debug})
+        proc = start(spec, {"FTJOB_FAULTS": debug})
         wait_until(lambda: (state(run).get("stage"), state(run).get("step")) == where, what=str(where))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
@@ -156,7 +156,7 @@ def test_one_writer_per_run_directory_and_restart_moves_the_old_run_aside(demo_s
     spec = resume_spec(tmp_path, demo_spec, "locked", train__max_steps=2)
     run = tmp_path / "runs" / "locked"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from job.lock import RunLock; from job.paths import RunPaths\n"
+        "import sys, time; from pathlib import Path; from job.rundir import RunLock, RunPaths\n"
         f"RunLock(RunPaths(Path({str(run)!r}))).acquire(); print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -190,7 +190,7 @@ def test_divergence_can_roll_back_to_the_last_good_checkpoint_with_a_lower_lr(de
     spec = resume_spec(tmp_path, demo_spec, "rollback", train__max_steps=12, train__checkpoint_every=4,
                        train__on_divergence="rollback", train__scheduler="constant", train__warmup_steps=0)
     run = tmp_path / "runs" / "rollback"
-    proc = run_ftjob("run", spec, env={"FTJOB_DEBUG": "nan_at_step=6"})  # a NaN loss in step 7, once
+    proc = run_ftjob("run", spec, env={"FTJOB_FAULTS": "nan_at_step=6"})  # a NaN loss in step 7, once
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rolled back to step-00000004" in proc.stderr
     metrics = jsonl(run / "metrics.jsonl")

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from job import spec as spec_lib
-from job.data.loader import BlockStore, EpochSchedule
+from job.data.schedule import EpochSchedule
+from job.data.shards import BlockStore
 from job.data.prepare import prepare
 from job.data.shards import TokenShard, token_dtype
-from job.paths import RunPaths
+from job.rundir import RunPaths
 
 ROOT = Path(__file__).resolve().parents[2]
 

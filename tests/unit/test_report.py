@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from job import spec as spec_lib
-from job.paths import RunPaths
+from job.rundir import RunPaths
 from job.report import loss_series, plot_loss, write_report
 
 T0 = 1_714_564_800.0  # 2024-05-01 12:00 UTC

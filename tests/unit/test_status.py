@@ -6,9 +6,10 @@ import socket
 import pytest
 
 from job.errors import BadInput
-from job.lock import RunLock
-from job.paths import RunPaths
-from job.status import collect_status, format_age, parse_time, status_text
+from job.rundir import RunLock
+from job.rundir import RunPaths
+from job.humanize import format_age, parse_time
+from job.status import collect_status, status_text
 
 UPDATED = "2024-05-01T12:00:00+0000"
 NOW = parse_time(UPDATED) + 12

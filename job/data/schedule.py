@@ -12,29 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shards import TokenShard
-
-
-class BlockStore:
-    """All blocks of one split, across its memory-mapped shards, addressed by one global index."""
-
-    def __init__(self, shards: list[TokenShard]):
-        self.views = [s.blocks() for s in shards if s.n_blocks]
-        self.block_size = shards[0].block_size if shards else 0
-        self.starts = np.cumsum([0] + [len(v) for v in self.views])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def gather(self, indices: np.ndarray) -> np.ndarray:
-        """(len(indices), block_size) int64 array; sorted reads per shard keep page-cache access sequential."""
-        out = np.empty((len(indices), self.block_size), dtype=np.int64)
-        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
-        for s in np.unique(shard_of):
-            rows = np.nonzero(shard_of == s)[0]
-            out[rows] = self.views[s][indices[rows] - self.starts[s]]
-        return out
-
 
 @dataclass(frozen=True)
 class MicroBatch:

@@ -1,7 +1,8 @@
-"""Finding and loading models and tokenizers, offline.
+"""Finding and loading pretrained models and tokenizers with transformers, offline.
 
 Clusters rarely reach the Hugging Face Hub, so a model is a local directory or an id already in the local
-cache; nothing here ever downloads.
+cache; nothing here ever downloads (the `ftjob` entrypoint sets HF_HUB_OFFLINE=1 for itself and its workers).
+Every problem with what the spec points at is a BadInput naming the key.
 """
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ import os
 from pathlib import Path
 
 from .errors import BadInput
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def resolve_model_dir(name: str, key: str = "model.path") -> Path:
@@ -79,6 +77,41 @@ def model_config(spec_model):
         raise BadInput(f"model.path: cannot read {directory / 'config.json'}: {e}") from None
 
 
+def check_weights(spec_model) -> None:
+    """Read the headers of the model's safetensors files (not the tensors): a truncated or foreign file
+    fails here, before anything is written, instead of in every worker after launch."""
+    if spec_model.from_config is not None:
+        return
+    directory = resolve_model_dir(spec_model.path)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files and not any(directory.glob("pytorch_model*.bin")):
+        raise BadInput(f"model.path: no weights in {directory} (model.safetensors or pytorch_model.bin); "
+                       "save the model with save_pretrained, or set model.from_config to train from scratch")
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                st.keys()
+            _check_safetensors_size(f)
+        except Exception as e:  # safetensors raises its own error types for every kind of damage
+            raise BadInput(f"model.path: {f} is not a readable safetensors file ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160] if str(e) else 'damaged'}); copy the model again") from None
+
+
+def _check_safetensors_size(path: Path) -> None:
+    """The header says where each tensor's bytes end; a file cut short has fewer bytes than that."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + n + end:
+        raise ValueError(f"truncated: {path.stat().st_size} bytes, the header needs {8 + n + end}")
+
+
 def load_model(spec_model, vocab_size: int | None = None, dropout: float | None = None):
     """The model to train: pretrained weights from `path`, or fresh weights from `from_config`."""
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
@@ -88,13 +121,15 @@ def load_model(spec_model, vocab_size: int | None = None, dropout: float | None 
         for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             if hasattr(config, attr):
                 setattr(config, attr, dropout)
+    config._attn_implementation = spec_model.attn_implementation
     if spec_model.from_config is not None:
         if vocab_size is not None and config.vocab_size < vocab_size:
             config.vocab_size = vocab_size
         return GPT2LMHeadModel(config)
     directory = resolve_model_dir(spec_model.path)
     try:
-        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype="float32")
+        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype="float32",
+                                                    attn_implementation=spec_model.attn_implementation)
     except Exception as e:
         raise BadInput(f"model.path: cannot load weights from {directory}: {type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200]}") from None

@@ -1,0 +1,56 @@
+"""Test-only fault injection and tracing, inert unless FTJOB_FAULTS or FTJOB_TRACE_BLOCKS is set.
+
+Tests land a signal or a kill -9 at a chosen moment (during evaluation, inside the first step, in the
+middle of a checkpoint write) instead of racing the clock. The settings are read once, at import; the
+training loop checks `faults.ACTIVE` before calling anything here. Example:
+FTJOB_FAULTS="delay_eval=3,kill_in_save=20,delay_save=45".
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def _parse(text: str) -> dict[str, float]:
+    out = {}
+    for item in text.split(","):
+        if "=" in item:
+            k, v = item.split("=", 1)
+            out[k.strip()] = float(v)
+    return out
+
+
+SETTINGS = _parse(os.environ.get("FTJOB_FAULTS", ""))
+TRACE_DIR = os.environ.get("FTJOB_TRACE_BLOCKS") or None
+ACTIVE = bool(SETTINGS or TRACE_DIR)
+_poisoned = False
+
+
+def delay(point: str) -> None:
+    """Sleep `delay_<point>` seconds: "step" (each micro-step), "eval", "save", "export"."""
+    seconds = SETTINGS.get(f"delay_{point}")
+    if seconds:
+        time.sleep(seconds)
+
+
+def kill_in_save(step: int, rank: int) -> None:
+    """SIGKILL rank 0 after DeepSpeed wrote its files but before the completion marker."""
+    if rank == 0 and SETTINGS.get("kill_in_save") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trace_blocks(rank: int, step: int, indices) -> None:
+    """Append the block indices this rank trained on, one line per micro-batch."""
+    if TRACE_DIR:
+        with open(os.path.join(TRACE_DIR, f"blocks-rank{rank}.txt"), "a") as f:
+            f.write(f"{step} " + " ".join(map(str, indices)) + "\n")
+
+
+def poison(loss, step: int):
+    """NaN loss once, at optimizer step `nan_at_step` (0-based), in this process: a transient blow-up."""
+    global _poisoned
+    if not _poisoned and SETTINGS.get("nan_at_step") == step:
+        _poisoned = True
+        return loss * float("nan")
+    return loss

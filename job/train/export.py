@@ -30,11 +30,14 @@ def export_final(engine, tokenizer, out_dir: Path, rank: int, zero_stage: int) -
         return
     module = engine.module
     state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
-    module.config.torch_dtype = torch.float32
     with writing(out_dir, "the final model"), atomic_dir(out_dir) as tmp:
         if faults.ACTIVE:
             faults.delay("export")
         module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        # save_pretrained records the module's own dtype (fp16/bf16 in training), and from_pretrained
+        # would load the fp32 weights in it: the config says fp32, as the weights are.
+        module.config.dtype = torch.float32
+        module.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     log.info("exported the trained model to %s", out_dir)
 

@@ -215,7 +215,15 @@ class Trainer:
         t = self.spec.train
         skipped_in_row = 0
         while self.step < self.total_steps:
-            step_loss = self.train_step(self.epoch_order(self.step))
+            try:
+                step_loss = self.train_step(self.epoch_order(self.step))
+            except Exception as e:
+                # DeepSpeed's ZeRO fp16 scaler gives up by itself after ~18 overflows in a row (2**16 -> 1,
+                # hysteresis 2), before train.max_bad_steps would: the same divergence, said the same way.
+                if "loss scale already at minimum" not in str(e):
+                    raise
+                raise Diverged(f"fp16 loss scale fell to its minimum at step {self.step + 1} (every step "
+                               "overflowed)") from None
             self.metrics.add(step_loss, self.schedule.blocks_in_step(self.step) * self.block_size)
             self.tokens += self.schedule.blocks_in_step(self.step) * self.block_size
             self.step += 1

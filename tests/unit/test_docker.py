@@ -2,8 +2,10 @@
 
 hadolint lints docker/Dockerfile; the rest reads the Dockerfile as text and checks what a build
 can't be trusted to catch until it runs on a GPU cluster: that the image installs the same versions
-CI tests (requirements.lock and CI's torch pin), starts ftjob in exec form as a non-root user, and
-never reaches the Hugging Face Hub.
+CI tests (requirements.lock and CI's torch pin: the Dockerfile's own `grep` filters are run on the
+real lock), compiles nothing (a `runtime` base, DeepSpeed without ops, and no DeepSpeed feature in
+job/ that would need one), starts ftjob in exec form as a non-root user, and never reaches the
+Hugging Face Hub.
 """
 from __future__ import annotations
 
@@ -136,25 +138,169 @@ def test_image_pins_equal_the_lock(dockerfile):
             f"{name}: Dockerfile has {version}, requirements.lock/CI has {pins[name]}")
 
 
+def dockerfile_greps(text: str) -> list[tuple[list[str], str]]:
+    """The `grep` filters the RUN lines apply to requirements.lock: (options, pattern), in order."""
+    runs = " ".join(args for keyword, args in instructions(text) if keyword == "RUN")
+    return [(opts.split(), pattern) for opts, pattern in re.findall(r"grep((?: -[a-zA-Z]+)+) '([^']+)'", runs)]
+
+
+def grep_lock(options: list[str], pattern: str, lock_text: str) -> list[str]:
+    """What the image's `grep` keeps of a lock: the real grep, the Dockerfile's own options and pattern."""
+    out = subprocess.run(["grep", *options, pattern], input=lock_text, capture_output=True, text=True, timeout=30)
+    assert out.returncode in (0, 1), out.stderr  # 1: nothing selected
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def image_install_sets(text: str, lock_text: str) -> tuple[set[str], set[str]]:
+    """(pins the first pip install takes, pins the DeepSpeed step takes) from a lock, as the build does."""
+    greps = dockerfile_greps(text)
+    keep = [g for g in greps if "-v" in g[0]]
+    take = [g for g in greps if "-v" not in g[0]]
+    assert len(keep) == 1 and len(take) == 1, f"expected one `grep -v` (third-party) and one `grep` (deepspeed): {greps}"
+    first = {line.strip() for line in grep_lock(*keep[0], lock_text) if not line.lstrip().startswith("#")}
+    second = {line.strip() for line in grep_lock(*take[0], lock_text)}
+    return first, second
+
+
+# What `pip freeze` writes after installing a CUDA torch: the pins the image must drop (the base image
+# has them, as CUDA builds) and the look-alikes it must keep. Expected sets computed by hand.
+FREEZE_WITH_CUDA_TORCH = """\
+# a comment line
+deepspeed==0.19.8
+nvidia-cublas-cu12==12.6.4.1
+nvidia-ml-py==13.615.71
+nvidia-nccl-cu12==2.27.3
+nvidia-nvjitlink-cu12==12.6.85
+Torch==2.13.0
+torchvision==0.28.0
+triton==3.6.0
+-e .
+ftjob==0.1.0
+"""
+
+
+def test_image_filter_drops_exactly_the_cuda_torch_stack(dockerfile):
+    first, second = image_install_sets(dockerfile, FREEZE_WITH_CUDA_TORCH)
+    assert first == {"nvidia-ml-py==13.615.71", "torchvision==0.28.0"}, (
+        "the image must drop torch, triton and torch's CUDA wheels (the base has them), deepspeed (installed "
+        "in its own step) and the job itself; and keep nvidia-ml-py (DeepSpeed's GPU monitor) and torchvision")
+    assert second == {"deepspeed==0.19.8"}
+
+
+def test_image_installs_the_whole_lock_once(dockerfile):
+    """Every pin of the real requirements.lock is installed by exactly one of the image's two pip steps."""
+    lock_text = LOCK.read_text(encoding="utf-8")
+    first, second = image_install_sets(dockerfile, lock_text)
+    assert not first & second, f"installed twice: {first & second}"
+    installed = parse_pins("\n".join(first | second))
+    cuda_stack = re.compile(r"^(torch|triton|nvidia-(cu|nv|nccl)[a-z0-9-]*)$")
+    expected = {name: v for name, v in parse_pins(lock_text).items()
+                if not cuda_stack.match(name) and name != "ftjob"}
+    assert installed == expected, (
+        f"missing from the image: {sorted(set(expected) - set(installed))}; "
+        f"not in the lock: {sorted(set(installed) - set(expected))}")
+    assert installed.get("deepspeed") == expected["deepspeed"] and second == {f"deepspeed=={expected['deepspeed']}"}
+
+
+def test_lock_is_fully_pinned():
+    """The image trusts the lock to pin everything: a range or a bare name there would let a build pick
+    versions CI never ran."""
+    lines = [line.split("#", 1)[0].strip() for line in LOCK.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    names = [canonical(re.split(r"[=<>!~\[ ;]", line, maxsplit=1)[0]) for line in lines]
+    assert len(parse_pins("\n".join(lines))) == len(lines), (
+        f"not `name==version`: {[l for l in lines if not parse_pins(l)]}")
+    assert len(set(names)) == len(names), f"pinned twice: {sorted({n for n in names if names.count(n) > 1})}"
+    assert "deepspeed" in names and "nvidia-ml-py" in names
+
+
 def test_image_installs_from_the_lock(dockerfile):
     runs = " ".join(args for keyword, args in instructions(dockerfile) if keyword == "RUN")
     copies = [args for keyword, args in instructions(dockerfile) if keyword == "COPY"]
     assert any(c.split()[0] == "requirements.lock" for c in copies)
     assert "-r /tmp/requirements-image.txt" in runs, "third-party packages come from the lock"
-    assert re.search(r"grep -v [^|>]*\^\(torch\|", runs), "torch is taken out of the lock (the base has CUDA torch)"
-    assert re.search(r"deepspeed==.*requirements\.lock", runs), "deepspeed's version comes from the lock"
-    assert "DS_BUILD_FUSED_ADAM=1" in runs and "--no-build-isolation" in runs
-    assert "DS_ACCELERATOR=cuda" in runs, "docker build has no GPU; without it DeepSpeed builds CPU ops"
+    assert "-c /tmp/torch-constraint.txt" in runs, "pip must fail rather than replace the base image's CUDA torch"
     assert "pip check" in runs
 
 
-def test_cuda_archs_never_use_the_a_suffix(dockerfile):
-    """DeepSpeed 0.19.8 fails to parse `9.0a` (DESIGN.md)."""
-    archs = re.findall(r'TORCH_CUDA_ARCH_LIST="?([^"\s]+)', dockerfile)
-    assert archs
-    for value in archs:
-        for arch in value.replace("+PTX", "").split(";"):
-            assert re.fullmatch(r"\d+\.\d+|\$\{TORCH_CUDA_ARCH_LIST\}", arch), arch
+def test_base_is_the_cuda_runtime_image(dockerfile):
+    """Nothing is compiled, so the `runtime` flavour (no nvcc) is enough; one stage."""
+    froms = [a for k, a in instructions(dockerfile) if k == "FROM"]
+    assert len(froms) == 1, froms
+    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?",
+                        froms[0]), froms[0]
+
+
+def test_nothing_is_compiled(dockerfile):
+    """DeepSpeed goes in as pure Python (no op built; checked in the build itself), and no compiler
+    toolchain is installed beyond the C compiler Triton (torch.compile) needs."""
+    runs = [args for keyword, args in instructions(dockerfile) if keyword == "RUN"]
+    (ds,) = [r for r in runs if "deepspeed.txt" in r and "pip install" in r]
+    assert "DS_BUILD_OPS=0" in ds and "--no-build-isolation" in ds
+    assert "DS_ACCELERATOR=cuda" in ds, "docker build has no GPU; without it setup.py treats the image as CPU-only"
+    assert re.search(r"assert not any\(ops\.values\(\)\)", ds), "the build must fail if an op was compiled after all"
+    text = " ".join(runs)
+    for word in ("DS_BUILD_FUSED_ADAM", "TORCH_CUDA_ARCH_LIST", "nvcc", "g++", "build-essential", "cuda-toolkit"):
+        assert word not in text, f"{word}: nothing is compiled in this image"
+    apt = [r for r in runs if "apt-get install" in r]
+    packages = set()
+    for r in apt:
+        after = r.split("apt-get install", 1)[1].split("&&", 1)[0]
+        packages |= {w for w in after.split() if not w.startswith("-")}
+    assert packages == {"gcc", "libc6-dev"}, packages
+
+
+# DeepSpeed features that load a compiled op at run time (checked against deepspeed 0.19.8's runtime/,
+# comm/, ops/): its own optimizers (an "optimizer" section in the config builds FusedAdam), offload and
+# NVMe (async I/O), ZeRO++ quantization, DeepCompile, ZenFlow, native pinned memory. The image has no
+# compiler for them. Found in code only (imports, names, config keys), not in comments or docstrings.
+DEEPSPEED_OP_CLASSES = {"FusedAdam", "FusedLamb", "FusedLion", "DeepSpeedCPUAdam", "DeepSpeedCPUAdagrad",
+                        "DeepSpeedCPULion", "ZenFlowCPUAdam"}
+DEEPSPEED_OP_CONFIG_KEYS = {"offload_optimizer", "offload_param", "zero_quantized_weights",
+                            "zero_quantized_gradients", "zero_quantized_nontrainable_weights", "deepcompile",
+                            "zenflow", "aio", "nvme_path"}
+
+
+def compiled_op_uses(source: str) -> list[str]:
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            found += [f"import {m}" for m in modules if m and ("deepspeed.ops" in m or "op_builder" in m)]
+            found += [f"import {a.name}" for a in node.names if a.name in DEEPSPEED_OP_CLASSES]
+        elif isinstance(node, ast.Attribute):
+            dotted = ast.unparse(node)
+            if dotted.startswith("deepspeed.ops") or "op_builder" in dotted or node.attr in DEEPSPEED_OP_CLASSES:
+                found.append(dotted)
+        elif isinstance(node, ast.Name) and node.id in DEEPSPEED_OP_CLASSES:
+            found.append(node.id)
+        elif isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value in DEEPSPEED_OP_CONFIG_KEYS:
+                    found.append(f"config key {key.value!r}")
+                if isinstance(key, ast.Constant) and key.value == "optimizer" and isinstance(value, ast.Dict):
+                    found.append("a DeepSpeed 'optimizer' config section")
+        elif isinstance(node, ast.Constant) and node.value == "DS_PIN_MEMORY_BACKEND":
+            found.append("DS_PIN_MEMORY_BACKEND")
+    return found
+
+
+def test_compiled_op_finder_finds_what_it_should():
+    assert compiled_op_uses("from deepspeed.ops.adam import FusedAdam\nopt = FusedAdam(p)") == [
+        "import deepspeed.ops.adam", "import FusedAdam", "FusedAdam"]
+    assert compiled_op_uses('cfg = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}') == [
+        "config key 'offload_optimizer'"]
+    assert compiled_op_uses('cfg = {"optimizer": {"type": "AdamW"}}') == ["a DeepSpeed 'optimizer' config section"]
+    assert compiled_op_uses('"""FusedAdam is not used"""\nx = {"optimizer": "adamw"}  # FusedAdam') == []
+
+
+def test_job_uses_no_deepspeed_feature_that_needs_a_compiled_op():
+    found = [f"{path.relative_to(REPO)}: {use}" for path in sorted((REPO / "job").rglob("*.py"))
+             for use in compiled_op_uses(path.read_text(encoding="utf-8"))]
+    assert not found, ("the image ships DeepSpeed without compiled ops and without nvcc/g++; these need one: "
+                       + "; ".join(found))
 
 
 def test_entrypoint_is_exec_form_ftjob(dockerfile):
@@ -172,20 +318,40 @@ def test_runs_as_non_root(dockerfile):
     assert user.isdigit(), "numeric, so Kubernetes runAsNonRoot can verify it"
 
 
-def test_env_keeps_the_hub_offline(dockerfile):
+def image_env(text: str) -> dict[str, str]:
     env = {}
-    for keyword, args in instructions(dockerfile):
+    for keyword, args in instructions(text):
         if keyword == "ENV":
             for token in shlex.split(args):
                 key, _, value = token.partition("=")
                 env[key] = value
+    return env
+
+
+def test_env_keeps_the_hub_offline(dockerfile):
+    env = image_env(dockerfile)
     assert env.get("HF_HUB_OFFLINE") == "1"
-    assert env.get("HF_HOME", "").startswith("/cache")
+    assert env.get("HF_HOME") == "/cache/hf", "the Kubernetes manifests mount the model cache there"
 
 
 def test_volumes(dockerfile):
     (volume,) = [a for k, a in instructions(dockerfile) if k == "VOLUME"]
-    assert set(json.loads(volume)) == {"/data", "/models", "/cache", "/output"}
+    volumes = set(json.loads(volume))
+    assert volumes == {"/data", "/models", "/cache", "/output"}, "the mount points slurm/ and the docs use"
+    assert any(image_env(dockerfile)["HF_HOME"].startswith(v + "/") for v in volumes)
+
+
+def test_docker_run_example_mounts_every_volume(dockerfile):
+    """The header's `docker run` example: GPUs, a big enough /dev/shm, and every volume mounted."""
+    header = "\n".join(line[1:].strip() for line in dockerfile.splitlines() if line.startswith("#"))
+    match = re.search(r"docker run (.*?)run /etc/ftjob/spec\.yaml", header.replace("\\\n", " "), re.S)
+    assert match, "the header shows a `docker run ... run /etc/ftjob/spec.yaml` example"
+    example = match.group(1)
+    assert "--gpus" in example and ("--ipc=host" in example or "--shm-size" in example)
+    mounted = set(re.findall(r'-v "?[^:\s]+:(/[^:\s"]+)', example))
+    (volume,) = [a for k, a in instructions(dockerfile) if k == "VOLUME"]
+    for v in json.loads(volume):
+        assert any(m == v or m.startswith(v + "/") for m in mounted), f"{v} is not mounted in the example"
 
 
 def test_dockerignore_sends_only_what_the_build_copies(dockerfile):
@@ -198,11 +364,4 @@ def test_dockerignore_sends_only_what_the_build_copies(dockerfile):
         if keyword == "COPY" and not args.startswith("--from"):
             copied |= {s.rstrip("/") for s in args.split()[:-1] if not s.startswith("--")}
     assert copied <= allowed, f"COPY of files the build context won't have: {copied - allowed}"
-
-
-def test_parsers_on_known_text():
-    """The parsers above, on small inputs, so a pass above means what it says."""
-    assert parse_pins("PyYAML==6.0.3  # c\ntorch==2.13.0+cpu\n-e .\nfoo>=1\nbar[x]==1.0 ; python_version>'3'") == {
-        "pyyaml": "6.0.3", "torch": "2.13.0+cpu", "bar": "1.0"}
-    text = "FROM pytorch/pytorch:2.13.0-cuda12.6-cudnn9-devel\n# x==1\nRUN pip install a==1 \\\n  # c\n  b_c==2.0\n"
-    assert dockerfile_pins(text) == {"torch": "2.13.0", "a": "1", "b-c": "2.0"}
+    assert allowed <= copied, f"sent to the build but never copied: {allowed - copied}"

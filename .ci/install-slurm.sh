@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install a real Slurm (Debian's 22.05 packages) plus munge, so tests/test_slurm.py can start a one-node
-# cluster with tests/slurm_harness.py. Idempotent: does nothing when sbatch is already on PATH.
+# Install a real Slurm (Debian's 22.05 packages) plus munge, so tests/system/test_slurm.py can start a
+# one-node cluster with tests/system/slurm_harness.py. Idempotent: does nothing when sbatch is already on PATH.
 # The packages' own services are not used (no systemd in CI); the harness starts the daemons itself.
 set -euo pipefail
 # The daemons live in /usr/sbin, which a non-root PATH may lack.

@@ -100,9 +100,10 @@ def parse_scontrol_record(line: str) -> dict[str, str]:
     """`scontrol show job -o` prints one line of Key=Value pairs separated by spaces.
 
     Values can themselves hold spaces (Command=script arg1 arg2), so split at each ` Key=` rather than at
-    every space. Keys may contain ':' and '/' (AllocNode:Sid, CPUs/Task).
+    every space. Keys start with a capital and may contain ':' and '/' (AllocNode:Sid, CPUs/Task); the
+    capital keeps an argument such as `name=x` in Command= from passing for a key.
     """
-    keys = list(re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=", line))
+    keys = list(re.finditer(r"(?:^|\s)([A-Z][A-Za-z0-9_:/]*)=", line))
     record = {}
     for this, after in zip(keys, keys[1:] + [None]):
         end = after.start() if after else len(line)

@@ -399,7 +399,7 @@ def wait_for_manifest(paths: RunPaths, watch: PeerWatch | None = None, timeout_s
 def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo, verbose: bool = False,
                 watch: PeerWatch | None = None) -> int:
     from .progress import mode as progress_mode
-    from .train.launch import Launch, hostfile_text, launcher_command, worker_env
+    from .train.launch import Launch, launcher_command, worker_env
 
     manifest = read_manifest(paths)
     if node.node_rank == 0:
@@ -407,11 +407,8 @@ def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo, verbose: bool = 
         _prepare_resume(spec, paths, node)
         write_state(paths, stage=Stage.TRAIN, nnodes=node.nnodes, procs_per_node=node.procs_per_node,
                     accelerator=node.accelerator)
-    paths.logs.mkdir(parents=True, exist_ok=True)
-    hostfile = paths.logs / f"hostfile.node{node.node_rank}"
-    atomic_write(hostfile, hostfile_text(node))
     bar = progress_mode() == "bar"
-    launch = Launch(launcher_command(paths, node, hostfile), worker_env(node, progress_events=bar), node,
+    launch = Launch(launcher_command(paths, node, verbose), worker_env(node, progress_events=bar), node,
                     paths.log_file(node.node_rank), verbose, watch,
                     on_tick=_report_when_evaluated(paths) if node.node_rank == 0 else None, bar=bar)
     code = launch.run()

@@ -1,12 +1,14 @@
-"""Run the deepspeed launcher for this node: its command, its environment, its output, its signals.
+"""Run DeepSpeed's launcher for this node: its command, its environment, its output, its signals.
 
-One `ftjob` per node starts one launcher per node with `--no_ssh --node_rank`: no hostfile ssh, no
-passwordless ssh between pods or Slurm nodes. The launcher and its workers write into a pipe that this
-process reads line by line: every line goes to the run's log file, ftjob's own lines (and errors) to the
-console, progress events to the terminal's bar, a worker's one-line error to the caller.
+One `ftjob` per node starts DeepSpeed's per-node launcher (`deepspeed.launcher.launch`, what the
+`deepspeed --no_ssh --node_rank N` command runs on each node) with the world's layout: no hostfile, no ssh
+between pods or Slurm nodes. The launcher and its workers write into a pipe that this process reads line
+by line: every line goes to the run's log file, ftjob's own lines (and errors) to the console, progress
+events to the terminal's bar, a worker's one-line error to the caller.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -27,22 +29,22 @@ log = logging.getLogger("ftjob")
 WORKER_MODULE = "job.train.worker"
 
 
-def launcher_command(paths: RunPaths, node: NodeInfo, hostfile: Path) -> list[str]:
-    """The real deepspeed launcher (deepspeed.launcher.runner), one node's worth of workers. The launcher
-    learns the world's shape from a hostfile; with --no_ssh the names are only labels: nothing connects
-    to them, rank 0's address is MASTER_ADDR."""
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-           f"--node_rank={node.node_rank}", f"--master_addr={node.master_addr}", f"--master_port={node.master_port}"]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if node.accelerator == "cuda" and visible:
-        # The launcher would renumber devices from 0; keep the ones the scheduler gave this job.
-        ids = ",".join(visible.split(",")[: node.procs_per_node])
-        cmd.append("--include=" + "@".join(f"node-{i}:{ids}" for i in range(node.nnodes)))
-    return cmd + ["--module", WORKER_MODULE, "--run-dir", str(paths.root)]
+def world_info(node: NodeInfo, visible_devices: str = "") -> dict[str, list[int]]:
+    """The world's layout as DeepSpeed's launcher takes it: node name -> local device ids. The names are
+    only labels (nothing connects to them; rank 0's address is MASTER_ADDR). On GPUs the ids are the ones
+    the scheduler made visible, so the launcher does not renumber them from 0."""
+    ids = list(range(node.procs_per_node))
+    if node.accelerator == "cuda" and visible_devices:
+        ids = [int(d) for d in visible_devices.split(",")[: node.procs_per_node]]
+    return {f"node-{i}": ids for i in range(node.nnodes)}
 
 
-def hostfile_text(node: NodeInfo) -> str:
-    return "".join(f"node-{i} slots={node.procs_per_node}\n" for i in range(node.nnodes))
+def launcher_command(paths: RunPaths, node: NodeInfo, verbose: bool = False) -> list[str]:
+    layout = world_info(node, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    encoded = base64.urlsafe_b64encode(json.dumps(layout).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={encoded}",
+            f"--node_rank={node.node_rank}", f"--master_addr={node.master_addr}", f"--master_port={node.master_port}",
+            f"--log_level={'info' if verbose else 'warning'}", "--module", WORKER_MODULE, "--run-dir", str(paths.root)]
 
 
 def worker_env(node: NodeInfo, progress_events: bool) -> dict:
@@ -58,13 +60,6 @@ def worker_env(node: NodeInfo, progress_events: bool) -> dict:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // node.procs_per_node)))
         env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
-
-
-def shm_buffers(node: NodeInfo) -> list[Path]:
-    """DeepSpeed's CPU backend maps two all-reduce buffers per rank in /dev/shm, named after the
-    rendezvous address and port, and never unlinks them: about 140 MB per CPU run, until /dev/shm (RAM)
-    is full and new runs hang. They are this launch's alone (its own port), so remove them after it."""
-    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{node.master_addr}_{node.master_port}_*"))
 
 
 def worker_processes(root_pid: int) -> list:
@@ -180,8 +175,6 @@ class Launch:
                 signal.signal(s, h)
             if pump is not None:
                 pump.join(timeout=10)
-            for buffer in shm_buffers(self.node):
-                buffer.unlink(missing_ok=True)
 
     def _tick(self) -> None:
         if self.on_tick:

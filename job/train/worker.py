@@ -72,6 +72,8 @@ class Trainer:
         self.spec = spec_lib.load(paths.spec)
         t, r = self.spec.train, self.spec.resources
         self.cuda = torch.cuda.is_available() and r.accelerator != "cpu"
+        if not self.cuda:
+            _plain_gloo_on_cpu()
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
                                    timeout=timedelta(seconds=r.collective_timeout_s))
         logs.route_library_loggers()
@@ -374,6 +376,16 @@ class Trainer:
             log.error("training diverged: %s. Last good checkpoint: %s. Lower train.lr or raise train.warmup_steps, "
                       "then run again (it resumes from that checkpoint).", why, last)
         return errors.DIVERGED
+
+
+def _plain_gloo_on_cpu() -> None:
+    """On CPU, DeepSpeed would probe every op it knows (compiler subprocesses) and JIT-build a shared-memory
+    all-reduce (about a minute, once per machine) that maps buffers in /dev/shm it never unlinks, and whose
+    build lock, left by a killed build, hangs every later run. ftjob's CPU path is for demos and tests:
+    telling DeepSpeed that no compiled op is available leaves it plain gloo."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}
 
 
 def main(argv=None) -> int:

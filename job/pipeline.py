@@ -21,8 +21,8 @@ from . import spec as spec_lib
 from .cluster import NodeHeartbeat, NodeInfo, PeerWatch, node_info
 from .errors import BadInput, JobError
 from .rundir import (FINISHED, RunLock, RunPaths, Stage, atomic_dir, atomic_write, complete_checkpoints,
-                     newest_complete, read_best, read_manifest, read_state, remove_partial_files, verify_checkpoint,
-                     write_state, writing)
+                     describe_volume, newest_complete, read_best, read_manifest, read_state, remove_partial_files,
+                     verify_checkpoint, write_state, writing)
 from .spec import JobSpec
 
 log = logging.getLogger("ftjob")
@@ -66,6 +66,7 @@ def train(spec_file: str, overrides: list[str], verbose: bool = False) -> int:
         if manifest is None:
             raise BadInput(f"no prepared data in {paths.data}; run `ftjob prepare` first (or `ftjob run`)")
         check_pinned_data(spec, paths, manifest)
+        plan_stage(spec, paths, node)
         return train_stage(spec, paths, node, verbose, watch)
 
 
@@ -106,6 +107,7 @@ def _all_stages(spec: JobSpec, paths: RunPaths, node: NodeInfo, restart: bool, v
     if trained:
         log.info("already trained (%s); use --restart to train again", paths.final)
     else:
+        plan_stage(spec, paths, node)
         code = train_stage(spec, paths, node, verbose, watch)
         if code != errors.OK:
             report_stage(paths)
@@ -116,6 +118,57 @@ def _all_stages(spec: JobSpec, paths: RunPaths, node: NodeInfo, restart: bool, v
     report_stage(paths)
     log.info("done: %s", paths.root)
     return errors.OK
+
+
+def plan(spec_file: str, overrides: list[str], gpus: int | None = None, gpu_memory_gib: float = 80.0,
+         tokens_per_s: float | None = None, as_json: bool = False) -> int:
+    """What the run will need, before it is submitted; writes nothing. Exit 2 when something will not fit."""
+    spec = spec_lib.load(spec_file, overrides)
+    preflight(spec)
+    estimate = make_plan(spec, gpus=gpus, gpu_memory_gib=gpu_memory_gib, tokens_per_s=tokens_per_s)
+    print(estimate.to_json() if as_json else estimate.to_text(), end="")
+    problems = [f for f in estimate.findings if f.severity == "error"]
+    if problems:
+        raise BadInput(f"plan: {problems[0].message}" + (f" (and {len(problems) - 1} more above)" if len(problems) > 1 else ""))
+    return errors.OK
+
+
+def make_plan(spec: JobSpec, manifest: dict | None = None, node: NodeInfo | None = None, **figures):
+    """The plan for this spec: from the run's data manifest when there is one, else from a sample of rows."""
+    from . import plan as plan_lib
+    from .data.prepare import tokenizer_for
+
+    paths = RunPaths(spec.run_dir)
+    manifest = manifest or read_manifest(paths)
+    name, tok = tokenizer_for(spec)
+    data = None if manifest else plan_lib.estimate_data_from_sample(spec.data, tok)
+    tokenizer_bytes = sum(f.stat().st_size for f in pretrained.resolve_model_dir(name).glob("*")
+                          if f.is_file() and ("token" in f.name or f.name in ("vocab.json", "merges.txt")))
+    if node is not None:
+        figures.update(world=node.world_size, accelerator=node.accelerator)
+    return plan_lib.make_plan(pretrained.model_config(spec.model), spec, manifest, data=data,
+                              free_bytes=plan_lib.free_bytes_at(spec.output_dir), present_bytes=plan_lib.dir_bytes(paths.root),
+                              tokenizer_bytes=tokenizer_bytes, tokenizer_vocab=len(tok), **figures)
+
+
+def plan_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> None:
+    """Before training: the plan on record (plan.json, for the report's plan-vs-measured table), and a run
+    the output volume clearly cannot hold stopped now, not hours later at its third checkpoint."""
+    estimate = make_plan(spec, read_manifest(paths), node)
+    chosen = estimate.chosen_memory
+    summary = {"basis": f"{estimate.device} x {estimate.world}, {estimate.precision}, ZeRO-{estimate.zero_stage}",
+               "estimates": {"tokens_per_s": estimate.time.tokens_per_s if estimate.time else None,
+                             "checkpoint_bytes": estimate.checkpoint.total,
+                             "total_steps": estimate.steps.total_steps if estimate.steps else None,
+                             "peak_gpu_gib": chosen.peak_bytes / 2**30 if estimate.device == "cuda" else None,
+                             "peak_rss_mib": chosen.peak_bytes / 2**20 if estimate.device == "cpu" else None},
+               "plan": estimate.to_dict()}
+    atomic_write(paths.plan, json.dumps(summary, indent=1))
+    volume = estimate.volume
+    if volume.ok is False:
+        raise BadInput(f"output_dir: {describe_volume(paths.root)}: {volume.message}")
+    if volume.free_bytes is not None and volume.free_bytes - volume.to_write_bytes < 0.1 * volume.need_bytes:
+        log.warning("output volume is tight: %s", volume.message)
 
 
 def generate(spec_file: str, overrides: list[str], model_dir: Path | None = None, name: str = "after") -> int:

@@ -55,7 +55,7 @@ def prepare(spec_file: str, overrides: list[str], force: bool = False) -> int:
 def train(spec_file: str, overrides: list[str], verbose: bool = False) -> int:
     spec = spec_lib.load(spec_file, overrides)
     node = node_info(spec)
-    preflight(spec, node.accelerator)
+    preflight(spec, node)
     paths = RunPaths(spec.run_dir)
     if node.node_rank != 0:
         with _peer_session(spec, paths, node) as watch:
@@ -78,7 +78,7 @@ def run(spec_file: str, overrides: list[str], restart: bool = False, wait_for_in
     node = node_info(spec)
     if wait_for_inputs_s:
         wait_for_inputs(spec, wait_for_inputs_s)
-    preflight(spec, node.accelerator)
+    preflight(spec, node)
     try:
         with _signals_interrupt_stages():
             if node.node_rank != 0:
@@ -154,7 +154,9 @@ def make_plan(spec: JobSpec, manifest: dict | None = None, node: NodeInfo | None
 def plan_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> None:
     """Before training: the plan on record (plan.json, for the report's plan-vs-measured table), and a run
     the output volume clearly cannot hold stopped now, not hours later at its third checkpoint."""
-    estimate = make_plan(spec, read_manifest(paths), node)
+    manifest = read_manifest(paths)
+    _check_one_batch(spec, node, manifest["splits"]["train"]["blocks"])
+    estimate = make_plan(spec, manifest, node)
     chosen = estimate.chosen_memory
     summary = {"basis": f"{estimate.device} x {estimate.world}, {estimate.precision}, ZeRO-{estimate.zero_stage}",
                "estimates": {"tokens_per_s": estimate.time.tokens_per_s if estimate.time else None,
@@ -218,11 +220,10 @@ def demo_assets(directory: Path, rows: int) -> int:
 # ================================================================== validate
 
 
-def preflight(spec: JobSpec, accelerator: str | None = None) -> dict:
+def preflight(spec: JobSpec, node: NodeInfo | None = None) -> dict:
     """Every check that can fail before anything is written; returns a few facts for the summary."""
     from .data.prepare import text_source
     from .data.sqlite_source import check_rows, check_source
-    from .train.optim import resolve_precision
 
     _check_output_dir(Path(spec.output_dir))
     check_source(text_source(spec))
@@ -245,9 +246,26 @@ def preflight(spec: JobSpec, accelerator: str | None = None) -> dict:
     if spec.model.attn_implementation == "flash_attention_2" and not _importable("flash_attn"):
         raise BadInput("model.attn_implementation: flash_attention_2 needs the flash-attn package "
                        "(pip install flash-attn) and a GPU; use sdpa")
-    if accelerator is not None:
-        resolve_precision(spec, accelerator == "cuda")
+    if node is not None:
+        _check_node(spec, node)
     return {"tokenizer_vocab": len(tok), "positions": positions, "model_type": config.model_type}
+
+
+def _check_node(spec: JobSpec, node: NodeInfo) -> None:
+    from .train.optim import grad_accum_for, resolve_precision
+
+    if node.accelerator == "cuda":
+        import torch
+
+        visible = torch.cuda.device_count()
+        if visible == 0 or visible < node.procs_per_node:
+            raise BadInput(f"resources.accelerator: cuda with {node.procs_per_node} processes per node, but "
+                           f"{'no GPU is' if not visible else f'only {visible} GPUs are'} visible here "
+                           "(CUDA_VISIBLE_DEVICES, the driver, the container's --gpus); use cpu or auto, or fewer "
+                           "processes")
+    resolve_precision(spec, node.accelerator == "cuda")
+    if spec.train.global_batch:
+        grad_accum_for(spec.train.global_batch, node.world_size, spec.train.micro_batch)
 
 
 def _importable(module: str) -> bool:
@@ -454,9 +472,7 @@ def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo, verbose: bool = 
     from .progress import mode as progress_mode
     from .train.launch import Launch, launcher_command, worker_env
 
-    manifest = read_manifest(paths)
     if node.node_rank == 0:
-        _check_one_batch(spec, paths, node, manifest["splits"]["train"]["blocks"])
         _prepare_resume(spec, paths, node)
         write_state(paths, stage=Stage.TRAIN, nnodes=node.nnodes, procs_per_node=node.procs_per_node,
                     accelerator=node.accelerator)
@@ -516,7 +532,7 @@ def _report_when_evaluated(paths: RunPaths):
     return tick
 
 
-def _check_one_batch(spec: JobSpec, paths: RunPaths, node: NodeInfo, blocks: int) -> None:
+def _check_one_batch(spec: JobSpec, node: NodeInfo, blocks: int) -> None:
     """The workers' own check, made before starting them: one error line instead of one per rank."""
     world, mb = node.world_size, spec.train.micro_batch
     if blocks < world * mb:

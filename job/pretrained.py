@@ -64,10 +64,7 @@ def model_config(spec_model):
     from transformers import AutoConfig, GPT2Config
 
     if spec_model.from_config is not None:
-        try:
-            return GPT2Config(**spec_model.from_config)
-        except (TypeError, ValueError) as e:
-            raise BadInput(f"model.from_config: {e}") from None
+        return _fresh_config(spec_model.from_config)
     directory = resolve_model_dir(spec_model.path)
     if not (directory / "config.json").exists():
         raise BadInput(f"model.path: {directory} has no config.json (is it a Hugging Face model directory?)")
@@ -75,6 +72,27 @@ def model_config(spec_model):
         return AutoConfig.from_pretrained(directory)
     except Exception as e:
         raise BadInput(f"model.path: cannot read {directory / 'config.json'}: {e}") from None
+
+
+def _fresh_config(fields: dict):
+    """GPT2Config takes any keyword silently (a misspelt n_layers would train the default 12 layers)."""
+    import difflib
+
+    from transformers import GPT2Config
+
+    known = set(GPT2Config().to_dict()) | set(GPT2Config.attribute_map)
+    for key in fields:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise BadInput(f"model.from_config.{key}: not a GPT2Config field" +
+                           (f"; did you mean '{close[0]}'?" if close else ""))
+    try:
+        config = GPT2Config(**fields)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"model.from_config: {e}") from None
+    if config.n_embd % config.n_head:
+        raise BadInput(f"model.from_config: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+    return config
 
 
 def check_weights(spec_model) -> None:

@@ -179,7 +179,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSp
         raise SpecError("", f"cannot read spec file {path}: {e}") from None
     try:
         raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
+        lines = _key_lines(yaml.compose(text), src)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -308,14 +308,17 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _key_lines(node, prefix: str = "") -> dict[str, int]:
-    """Map every dotted key in the YAML document to its 1-based line."""
+def _key_lines(node, source: str, prefix: str = "") -> dict[str, int]:
+    """Map every dotted key in the YAML document to its 1-based line. A key given twice is an error:
+    YAML would keep the last one silently."""
     out: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            key = f"{prefix}{key_node.value}"
-            out[key] = key_node.start_mark.line + 1
-            out.update(_key_lines(value_node, key + "."))
+            key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+            if key in out:
+                raise SpecError(key, f"given twice (lines {out[key]} and {line}); keep one", line, source)
+            out[key] = line
+            out.update(_key_lines(value_node, source, key + "."))
     return out
 
 

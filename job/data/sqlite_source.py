@@ -163,14 +163,16 @@ def iter_texts(src: TextSource) -> Iterator[str | None]:
     conn = connect_readonly(src.database)
     try:
         conn.set_authorizer(_deny_writes)
-        cur = conn.execute(_select_sql(conn, src))
         row_number = 0
+        try:
+            cur = conn.execute(_select_sql(conn, src))
+        except sqlite3.DatabaseError as e:
+            raise _read_error(e, src, row_number) from None
         while True:
             try:
                 rows = cur.fetchmany(src.chunk_rows)
             except sqlite3.DatabaseError as e:
-                raise DataError(f"data.database: reading {src.describe()} failed at row {row_number + 1}: "
-                                f"{_explain(e)}") from None
+                raise _read_error(e, src, row_number) from None
             if not rows:
                 return
             for kind, raw in rows:
@@ -180,12 +182,23 @@ def iter_texts(src: TextSource) -> Iterator[str | None]:
         conn.close()
 
 
+def _read_error(e: sqlite3.DatabaseError, src: TextSource, row_number: int) -> DataError:
+    """Errors SQLite raises only while running the statement: the read-only authorizer refuses some
+    functions (load_extension, ...) at execution, and a damaged page shows where it is read."""
+    if "not authorized" in str(e):
+        return DataError("data.query: only reading is allowed (SQLite refused a function or statement the "
+                         "query runs, e.g. load_extension)")
+    key = "data.query" if src.query and "malformed" not in str(e) else "data.database"
+    return DataError(f"{key}: reading {src.describe()} failed at row {row_number + 1}: {_explain(e)}")
+
+
 def _decode(kind: str, raw: bytes | None, row_number: int, src: TextSource) -> str | None:
     if kind == "null":
         return None
     if kind != "text":
         what = "BLOBs (binary data)" if kind == "blob" else f"{kind} values, not text"
-        raise DataError(f"data.text_column: row {row_number} of {src.describe()} holds {what}; "
+        key = "data.query" if src.query else "data.text_column"
+        raise DataError(f"{key}: row {row_number} of {src.describe()} holds {what}; "
                         "choose a text column, or CAST it in data.query")
     try:
         return raw.decode("utf-8")

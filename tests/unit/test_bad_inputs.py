@@ -1,4 +1,6 @@
-"""Bad inputs a new user will write, each run through the real `ftjob` command.
+"""Bad inputs a new user will write, each through `ftjob`'s own entry point (job.cli.main, in this process:
+a case costs milliseconds, not a Python start with torch; tests/system/test_entrypoint.py runs a few as
+real processes).
 
 Every case must end the way errors.py promises: exit code 2 (BAD_INPUT), ONE `ftjob: error:` line on
 stderr that names what is wrong (the spec key, file, table or column), no traceback, and nothing on the
@@ -18,7 +20,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from conftest import run_ftjob
+from job.cli import main as ftjob_main
 
 DROP = object()  # in Case.spec: remove the key from the demo spec
 
@@ -31,6 +33,7 @@ class Case:
     args: tuple[str, ...] = ()  # extra command-line arguments (--set ...)
     text: str | None = None  # the spec file's text, instead of the demo spec
     setup: Callable[[Path, object], dict] | None = None  # (tmp, demo_assets) -> more spec changes
+    env: dict = field(default_factory=dict)  # environment variables (rank variables)
 
 
 # ---------------------------------------------------------------- inputs the cases build
@@ -76,6 +79,72 @@ def model_without_tokenizer(tmp, assets):
 def output_dir_below_a_file(tmp, assets):
     (tmp / "a-file").write_text("not a directory\n")
     return {"output_dir": str(tmp / "a-file" / "runs")}
+
+
+def tokenizer_without_eos(tmp, assets):
+    """The demo model with a tokenizer that has no end-of-text token."""
+    import json
+
+    model = tmp / "model-no-eos"
+    shutil.copytree(assets.model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "bos_token", "unk_token"):
+        config[key] = None  # absent, GPT2Tokenizer would bring back its default <|endoftext|>
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["added_tokens"] = []
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    (model / "special_tokens_map.json").unlink(missing_ok=True)
+    return {"model.path": str(model), "data.join": "eos"}
+
+
+def model_with(tmp, assets, name: str, damage: Callable[[Path], None]):
+    model = tmp / name
+    shutil.copytree(assets.model, model)
+    damage(model)
+    return {"model.path": str(model)}
+
+
+def truncated_safetensors(tmp, assets):
+    def cut(model):
+        f = model / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return model_with(tmp, assets, "model-truncated-weights", cut)
+
+
+def garbage_safetensors(tmp, assets):
+    return model_with(tmp, assets, "model-garbage-weights",
+                      lambda m: (m / "model.safetensors").write_bytes(b"not safetensors at all" * 100))
+
+
+def model_without_weights(tmp, assets):
+    return model_with(tmp, assets, "model-no-weights", lambda m: (m / "model.safetensors").unlink())
+
+
+def broken_tokenizer_json(tmp, assets):
+    return model_with(tmp, assets, "model-bad-tokenizer", lambda m: (m / "tokenizer.json").write_text("{oops"))
+
+
+def model_path_is_a_file(tmp, assets):
+    (tmp / "model.bin").write_bytes(b"\0" * 16)
+    return {"model.path": str(tmp / "model.bin")}
+
+
+def empty_file_as_db(tmp, assets):
+    (tmp / "empty.sqlite").write_bytes(b"")
+    return {"data.database": str(tmp / "empty.sqlite")}
+
+
+def unicode_database_copy(tmp, assets):
+    directory = tmp / "данные"
+    directory.mkdir()
+    shutil.copy(assets.database, directory / "книги.sqlite")
+    return {"data.database": str(directory / "книги.sqlite"), "data.table": "русский"}
+
+
+def type_changes_between_chunks(tmp, assets):
+    """Text for the first chunks of 10 rows, then a number: found before anything is written."""
+    return {**sqlite_db(tmp, "", [f"'text number {i}'" for i in range(14)] + ["42"]), "data.chunk_rows": 10}
 
 
 MALFORMED_YAML = "name: demo\noutput_dir: runs\ndata:\n  table: en\n   text_column: body_text\n"
@@ -186,7 +255,110 @@ CASES = [
                  id="prompt-empty-string"),
     pytest.param(Case("run", ("train.precision", "fp16 needs a GPU"),
                       spec={"train.precision": "fp16", "resources.accelerator": "cpu"}), id="fp16-on-cpu"),
+    # --- queries SQLite refuses only while running them, and functions that do not exist
+    pytest.param(Case("run", ("data.query", "only reading is allowed", "load_extension"),
+                      spec={"data.table": DROP, "data.query": "SELECT load_extension('evil.so')"}),
+                 id="query-load-extension-refused-at-run-time"),
+    pytest.param(Case("validate", ("data.query", "no such function: nosuchfunc"),
+                      spec={"data.table": DROP, "data.query": "SELECT nosuchfunc(body_text) FROM en"}),
+                 id="query-unknown-function"),
+    pytest.param(Case("run", ("data.query", "no such function: readfile"),
+                      spec={"data.table": DROP, "data.query": "SELECT readfile('/etc/passwd')"}),
+                 id="query-readfile-is-a-shell-function"),
+    pytest.param(Case("run", ("data.query", "read-only SELECT"),
+                      spec={"data.table": DROP, "data.query": "ATTACH DATABASE '/tmp/x.db' AS x"}),
+                 id="query-attach"),
+    pytest.param(Case("validate", ("data.query", "exactly one SELECT"),
+                      spec={"data.table": DROP, "data.query": "SELECT body_text FROM en; DROP TABLE en"}),
+                 id="query-select-then-drop"),
+    pytest.param(Case("run", ("data.query", "row 1", "integer values, not text"),
+                      spec={"data.table": DROP, "data.query": "SELECT length(body_text) FROM en"}),
+                 id="query-returns-numbers"),
+    pytest.param(Case("run", ("data.query", "incomplete input"),
+                      spec={"data.table": DROP, "data.query": "SELECT body_text FROM en WHERE"}),
+                 id="query-syntax-error"),
+    pytest.param(Case("run", ("no usable rows", "0 read"),
+                      spec={"data.table": DROP, "data.query": "SELECT body_text FROM en LIMIT 0"}),
+                 id="query-returns-no-rows"),
+    # --- columns of mixed types
+    pytest.param(Case("run", ("data.text_column", "row 3", "integer values"),
+                      setup=lambda tmp, a: sqlite_db(tmp, "", ["'a text'", "'another'", "42", "'more'"])),
+                 id="column-of-mixed-types"),
+    pytest.param(Case("run", ("data.text_column", "row 15", "integer values"), setup=type_changes_between_chunks),
+                 id="column-changes-type-between-chunks"),
+    pytest.param(Case("run", ("data.text_column", "row 2", "real values"),
+                      setup=lambda tmp, a: sqlite_db(tmp, "", ["'text'", "3.25"])), id="column-of-floats"),
+    # --- the database file
+    pytest.param(Case("run", ("data.database", "empty.sqlite", "not a SQLite database"), setup=empty_file_as_db),
+                 id="database-empty-file"),
+    # --- tokenizer and model directories
+    pytest.param(Case("run", ("data.join", "no end-of-text token"), setup=tokenizer_without_eos),
+                 id="tokenizer-without-eos"),
+    pytest.param(Case("run", ("model.path", "model.safetensors", "not a readable safetensors file"),
+                      setup=truncated_safetensors), id="model-truncated-safetensors"),
+    pytest.param(Case("run", ("model.path", "model.safetensors", "not a readable safetensors file"),
+                      setup=garbage_safetensors), id="model-garbage-safetensors"),
+    pytest.param(Case("run", ("model.path", "no weights", "from_config"), setup=model_without_weights),
+                 id="model-without-weights"),
+    pytest.param(Case("validate", ("model.path", "model-bad-tokenizer", "no usable tokenizer"),
+                      setup=broken_tokenizer_json), id="model-broken-tokenizer-json"),
+    pytest.param(Case("run", ("model.path", "model.bin", "is a file"), setup=model_path_is_a_file),
+                 id="model-path-is-a-file"),
+    pytest.param(Case("run", ("model.from_config.n_layers", "not a GPT2Config field", "did you mean 'n_layer'"),
+                      spec={"model.from_config": {"n_layers": 2}}), id="from-config-misspelt-field"),
+    pytest.param(Case("run", ("model.from_config", "n_embd 65", "n_head 4"),
+                      spec={"model.from_config": {"n_embd": 65, "n_head": 4}}), id="from-config-heads-do-not-divide"),
+    pytest.param(Case("run", ("model.attn_implementation", "flash-attn"),
+                      spec={"model.attn_implementation": "flash_attention_2"}), id="flash-attention-not-installed"),
+    pytest.param(Case("run", ("model.attn_implementation", "must be one of sdpa, eager, flash_attention_2"),
+                      spec={"model.attn_implementation": "flash"}), id="attention-unknown"),
+    # --- overrides of list keys and sections
+    pytest.param(Case("run", ("generation.prompts", "must be a list, got a string"),
+                      args=("--set", "generation.prompts=hello")), id="set-list-key-to-a-string"),
+    pytest.param(Case("run", ("generation.prompts.0", "prompts is not a section"),
+                      args=("--set", "generation.prompts.0=hello")), id="set-into-a-list"),
+    pytest.param(Case("run", ("train.adam_betas", "two numbers"), args=("--set", "train.adam_betas=[0.9]")),
+                 id="set-list-too-short"),
+    pytest.param(Case("validate", ("data", "must be a section"), args=("--set", "data=x")), id="set-section-to-a-value"),
+    # --- unicode in names and paths
+    pytest.param(Case("run", ("data.table", "no table 'русский'", "tables: en"), setup=unicode_database_copy),
+                 id="unicode-table-in-a-unicode-path"),
+    pytest.param(Case("run", ("data.database", "file not found", "нет/книги.sqlite"),
+                      spec={"data.database": "/nonexistent/нет/книги.sqlite"}), id="unicode-database-path-missing"),
+    pytest.param(Case("validate", ("data.text_column", "no column 'текст'"), spec={"data.text_column": "текст"}),
+                 id="unicode-column-missing"),
+    pytest.param(Case("run", ("name", "plain directory name", "'прогон/1'"), spec={"name": "прогон/1"}),
+                 id="unicode-name-with-slash"),
+    # --- more ranges and choices
+    pytest.param(Case("run", ("train.epochs", "greater than 0"), spec={"train.epochs": 0}), id="epochs-zero"),
+    pytest.param(Case("run", ("train.zero_stage", "at most 3", "got 4"), spec={"train.zero_stage": 4}),
+                 id="zero-stage-4"),
+    pytest.param(Case("validate", ("generation.top_p", "at most 1.0"), spec={"generation.top_p": 1.5}),
+                 id="top-p-above-one"),
+    pytest.param(Case("run", ("data.limit", "greater than 0", "got -5"), spec={"data.limit": -5}), id="limit-negative"),
+    pytest.param(Case("run", ("data.join", "must be one of newline, eos", "'tab'"), spec={"data.join": "tab"}),
+                 id="join-unknown"),
+    pytest.param(Case("run", ("name", "given twice", "lines 1 and 3"),
+                      text="name: demo\noutput_dir: runs\nname: other\n"), id="yaml-duplicate-key"),
+    pytest.param(Case("run", ("not valid YAML",), text="name: demo\n\toutput_dir: runs\n"), id="yaml-tab-indent"),
+    # --- batch and resources
+    pytest.param(Case("run", ("train.global_batch", "30 sequences", "2 processes x train.micro_batch 8"),
+                      spec={"train.global_batch": 30, "resources.accelerator": "cpu"}),
+                 id="global-batch-does-not-divide"),
+    pytest.param(Case("run", ("resources.accelerator", "no GPU is visible"),
+                      spec={"resources.accelerator": "cuda"}, env={"CUDA_VISIBLE_DEVICES": ""}),
+                 id="cuda-without-gpu"),
+    pytest.param(Case("run", ("NNODES > 1 needs MASTER_ADDR",), spec={"resources.nnodes": 2},
+                      env={"MASTER_ADDR": None, "NNODES": None}), id="two-nodes-without-master"),
+    pytest.param(Case("run", ("NODE_RANK 5", "outside 0..1"), env={"NNODES": "2", "NODE_RANK": "5",
+                                                                     "MASTER_ADDR": "127.0.0.1"}),
+                 id="node-rank-out-of-range"),
+    pytest.param(Case("run", ("NPROC_PER_NODE", "'two'", "must be an integer"), env={"NPROC_PER_NODE": "two"}),
+                 id="nproc-not-a-number"),
 ]
+
+RANK_VARIABLES = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "JOB_COMPLETION_INDEX",
+                  "SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS")
 
 
 # ---------------------------------------------------------------- helpers
@@ -226,6 +398,38 @@ def make_volume(tmp: Path, name: str = "demo") -> Path:
     return volume
 
 
+@dataclass
+class Outcome:
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture
+def ftjob(capsys, monkeypatch):
+    """`ftjob ARGS...` through its entry point in this process: the exit code and what it printed."""
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def no_training(*args, **kwargs):  # a case that gets this far is a missed check, not a slow test
+        raise AssertionError("a bad-input case reached the training stage")
+    monkeypatch.setattr("job.pipeline.train_stage", no_training)
+
+    def call(*args, env: dict | None = None) -> Outcome:
+        for name, value in (env or {}).items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            ftjob_main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return Outcome(code, capsys.readouterr().err)
+    return call
+
+
 def assert_clean_error(proc, words) -> str:
     """Exit 2, one `ftjob: error:` line that is stderr's last, naming the problem, and no traceback."""
     stderr = proc.stderr
@@ -244,61 +448,34 @@ def assert_clean_error(proc, words) -> str:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_clean_line_and_touches_nothing(case: Case, demo_assets, demo_spec, tmp_path):
+def test_bad_input_is_one_clean_line_and_touches_nothing(case: Case, demo_assets, demo_spec, tmp_path, ftjob,
+                                                          monkeypatch):
     volume = make_volume(tmp_path)
     changes = {"output_dir": str(volume), **(case.setup(tmp_path, demo_assets) if case.setup else {}), **case.spec}
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(case.text if case.text is not None else yaml.safe_dump(with_changes(demo_spec, changes)))
+    spec_path.write_text(case.text if case.text is not None else yaml.safe_dump(with_changes(demo_spec, changes),
+                                                                               allow_unicode=True))
     before = tree(tmp_path, demo_assets.database, demo_assets.model)
+    monkeypatch.chdir(tmp_path)
 
-    proc = run_ftjob(case.command, spec_path, *case.args, cwd=tmp_path, timeout=120)
+    proc = ftjob(case.command, spec_path, *case.args, env=case.env)
 
     assert_clean_error(proc, case.expect)
     assert tree(tmp_path, demo_assets.database, demo_assets.model) == before
 
 
-def test_the_corpus_is_big_enough_and_mostly_runs():
-    assert len(CASES) >= 30
-    assert sum(p.values[0].command == "run" for p in CASES) >= 15
-
-
-def test_the_demo_spec_itself_is_valid(demo_assets, demo_spec, tmp_path):
+def test_the_demo_spec_itself_is_valid(demo_assets, demo_spec, tmp_path, ftjob):
     """Guards the corpus: every case is the valid demo spec plus one mistake."""
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(with_changes(demo_spec, {"output_dir": str(make_volume(tmp_path))})))
-    proc = run_ftjob("validate", spec_path, timeout=120)
+    proc = ftjob("validate", spec_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- cases that need more than a spec
 
 
-def test_locked_database(demo_assets, demo_spec, tmp_path):
-    """Another process holds a write lock: ftjob waits out its busy timeout, then says so in one line."""
-    db = tmp_path / "busy.sqlite"
-    shutil.copy(demo_assets.database, db)
-    volume = make_volume(tmp_path)
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(with_changes(demo_spec, {"output_dir": str(volume), "data.database": str(db)})))
-    # Hash before taking the lock and after giving it back: closing any descriptor of the file in this
-    # process would drop the lock (POSIX locks belong to the process, not the connection).
-    before = tree(volume, db)
-    holder = sqlite3.connect(db, isolation_level=None)
-    try:
-        holder.execute("BEGIN EXCLUSIVE")
-        t0 = time.monotonic()
-        proc = run_ftjob("run", spec_path, timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    after = tree(volume, db)
-    assert_clean_error(proc, ("data.database", "busy.sqlite", "database is locked", "another process"))
-    assert after == before
-    assert took < 30, f"took {took:.0f}s"
-
-
-def test_too_few_blocks_for_one_batch_across_two_ranks(demo_assets, demo_spec, tmp_path):
+def test_too_few_blocks_for_one_batch_across_two_ranks(demo_assets, demo_spec, tmp_path, ftjob):
     """Usable, but too little: the data is prepared, then the batch check fails. The run directory is written
     (spec, data), but what was there before is untouched and the other run is left alone."""
     volume = make_volume(tmp_path)
@@ -309,7 +486,7 @@ def test_too_few_blocks_for_one_batch_across_two_ranks(demo_assets, demo_spec, t
     spec_path.write_text(yaml.safe_dump(with_changes(demo_spec, changes)))
     keep = {k: v for k, v in tree(volume).items() if "keep.txt" in k or k.startswith("volume/other")}
 
-    proc = run_ftjob("run", spec_path, timeout=300)
+    proc = ftjob("run", spec_path)
 
     assert_clean_error(proc, ("training blocks", "fewer than one batch", "2 ranks", "train.micro_batch 8"))
     after = tree(volume)

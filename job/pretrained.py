@@ -61,7 +61,7 @@ def tokenizer_fingerprint(tok) -> str:
 
 def model_config(spec_model):
     """The GPT-2 config of the model the run trains: the checkpoint's, or a fresh one from `from_config`."""
-    from transformers import AutoConfig, GPT2Config
+    from transformers import AutoConfig
 
     if spec_model.from_config is not None:
         return _fresh_config(spec_model.from_config)

@@ -10,6 +10,7 @@ import html
 import io
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import yaml

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import run_ftjob
-from test_bad_inputs import CASES, assert_clean_error, make_volume, tree, with_changes
+from bad_input_cases import CASES, assert_clean_error, make_volume, tree, with_changes
 
 PROCESS_CASES = [p for p in CASES if p.id in ("yaml-malformed-line-number", "table-missing",
                                                "model-truncated-safetensors", "query-load-extension-refused-at-run-time")]
@@ -19,7 +19,7 @@ PROCESS_CASES = [p for p in CASES if p.id in ("yaml-malformed-line-number", "tab
 
 @pytest.mark.parametrize("case", PROCESS_CASES)
 def test_bad_input_from_the_real_process(case, demo_assets, demo_spec, tmp_path):
-    case = case.values[0]
+
     volume = make_volume(tmp_path)
     changes = {"output_dir": str(volume), **(case.setup(tmp_path, demo_assets) if case.setup else {}), **case.spec}
     spec_path = tmp_path / "spec.yaml"

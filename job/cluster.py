@@ -15,10 +15,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
 from .rundir import RunPaths, atomic_write, hostname
-from .spec import JobSpec
+
+if TYPE_CHECKING:
+    from .spec import JobSpec
 
 
 @dataclass(frozen=True)

@@ -75,12 +75,12 @@ def route_library_loggers() -> None:
         for h in list(lib.handlers):
             lib.removeHandler(h)
         lib.propagate = True
-    try:
+    if "transformers" in sys.modules:  # never import it here: `ftjob status` stays light
         import transformers.utils.logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.disable_default_handler()
-    hf_logging.enable_propagation()
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in a batch log
 
 
 def add_file(path: Path, rank: int | None = None) -> logging.Handler:

@@ -16,14 +16,17 @@ import signal
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from . import errors, logs, pretrained
-from . import spec as spec_lib
 from .cluster import NodeHeartbeat, NodeInfo, PeerWatch, node_info
 from .errors import BadInput, JobError
 from .rundir import (FINISHED, RunLock, RunPaths, Stage, atomic_dir, atomic_write, complete_checkpoints,
                      describe_volume, newest_complete, read_best, read_manifest, read_state, remove_partial_files,
                      verify_checkpoint, write_state, writing)
-from .spec import JobSpec
+
+if TYPE_CHECKING:
+    from .spec import JobSpec
 
 log = logging.getLogger("ftjob")
 
@@ -34,17 +37,19 @@ ONE_NODE = NodeInfo(nnodes=1, node_rank=0, master_addr="127.0.0.1", master_port=
 
 
 def validate(spec_file: str, overrides: list[str], print_spec: bool = False) -> int:
-    spec = spec_lib.load(spec_file, overrides)
+    spec = _load(spec_file, overrides)
     facts = preflight(spec)
     if print_spec:
-        print(spec_lib.dump(spec))
+        from .spec import dump
+
+        print(dump(spec))
     print(f"ok: {spec_file} is valid (run directory {spec.run_dir}, tokenizer vocabulary "
           f"{facts['tokenizer_vocab']}, {facts['positions']} positions)")
     return errors.OK
 
 
 def prepare(spec_file: str, overrides: list[str], force: bool = False) -> int:
-    spec = spec_lib.load(spec_file, overrides)
+    spec = _load(spec_file, overrides)
     preflight(spec)
     paths = RunPaths(spec.run_dir)
     with _owner(spec, paths, restart=False):
@@ -53,7 +58,7 @@ def prepare(spec_file: str, overrides: list[str], force: bool = False) -> int:
 
 
 def train(spec_file: str, overrides: list[str], verbose: bool = False) -> int:
-    spec = spec_lib.load(spec_file, overrides)
+    spec = _load(spec_file, overrides)
     node = node_info(spec)
     preflight(spec, node)
     paths = RunPaths(spec.run_dir)
@@ -73,7 +78,7 @@ def train(spec_file: str, overrides: list[str], verbose: bool = False) -> int:
 def run(spec_file: str, overrides: list[str], restart: bool = False, wait_for_inputs_s: float = 0,
         verbose: bool = False) -> int:
     """All stages; resumes by itself from the newest complete checkpoint in the run directory."""
-    spec = spec_lib.load(spec_file, overrides)
+    spec = _load(spec_file, overrides)
     paths = RunPaths(spec.run_dir)
     node = node_info(spec)
     if wait_for_inputs_s:
@@ -123,7 +128,7 @@ def _all_stages(spec: JobSpec, paths: RunPaths, node: NodeInfo, restart: bool, v
 def plan(spec_file: str, overrides: list[str], gpus: int | None = None, gpu_memory_gib: float = 80.0,
          tokens_per_s: float | None = None, as_json: bool = False) -> int:
     """What the run will need, before it is submitted; writes nothing. Exit 2 when something will not fit."""
-    spec = spec_lib.load(spec_file, overrides)
+    spec = _load(spec_file, overrides)
     preflight(spec)
     estimate = make_plan(spec, gpus=gpus, gpu_memory_gib=gpu_memory_gib, tokens_per_s=tokens_per_s)
     print(estimate.to_json() if as_json else estimate.to_text(), end="")
@@ -174,7 +179,7 @@ def plan_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> None:
 
 
 def generate(spec_file: str, overrides: list[str], model_dir: Path | None = None, name: str = "after") -> int:
-    spec = spec_lib.load(spec_file, overrides)
+    spec = _load(spec_file, overrides)
     generate_stage(spec, RunPaths(spec.run_dir), model_dir, name)
     return errors.OK
 
@@ -182,7 +187,7 @@ def generate(spec_file: str, overrides: list[str], model_dir: Path | None = None
 def export(spec_file: str, overrides: list[str], checkpoint: Path | None = None, out: Path | None = None) -> int:
     from .train.export import export_checkpoint
 
-    spec = spec_lib.load(spec_file, overrides)
+    spec = _load(spec_file, overrides)
     paths = RunPaths(spec.run_dir)
     ckpt = checkpoint or newest_complete(paths.checkpoints)
     if ckpt is None:
@@ -215,6 +220,13 @@ def demo_assets(directory: Path, rows: int) -> int:
     out = write_demo_assets(directory, rows)
     print(f"database: {out['database']}\nmodel:    {out['model']}")
     return errors.OK
+
+
+def _load(spec_file, overrides: list[str]) -> JobSpec:
+    # Imported here, not at the top: pydantic's model building costs 0.2 s that `ftjob status` skips.
+    from .spec import load
+
+    return load(spec_file, overrides)
 
 
 # ================================================================== validate
@@ -368,8 +380,10 @@ def start_run_dir(spec: JobSpec, paths: RunPaths, restart: bool) -> None:
             if p.name != ".lock":  # the lock we hold stays
                 p.rename(aside / p.name)
         log.info("--restart: the previous run was moved to %s", aside)
+    from .spec import dump
+
     paths.root.mkdir(parents=True, exist_ok=True)
-    new = spec_lib.dump(spec)
+    new = dump(spec)
     with writing(paths.spec, "the resolved spec", paths):
         if paths.spec.exists() and paths.spec.read_text(encoding="utf-8") != new:
             keep = paths.root / f"spec.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
@@ -570,7 +584,7 @@ def already_trained(paths: RunPaths, spec: JobSpec) -> bool:
     if not (paths.final / "config.json").exists() or read_state(paths).get("stage") not in FINISHED:
         return False
     try:
-        previous = spec_lib.load(paths.spec)
+        previous = _load(paths.spec, [])
     except JobError:
         return False
     return previous.train == spec.train and previous.data == spec.data and previous.model == spec.model

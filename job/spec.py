@@ -70,14 +70,14 @@ class TrainSpec(Section):
     lr: Number = Field(2e-4, gt=0, description="peak learning rate")
     optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="torch AdamW (fused on GPU), or "
                                                      "Adafactor as HF Trainer's optim='adafactor' builds it")
-    weight_decay: Number = Field(0.0, ge=0.0)
+    weight_decay: Number = Field(0.0, ge=0.0, description="decoupled weight decay")
     adam_betas: list[Number] = Field(default_factory=lambda: [0.9, 0.999], description="AdamW's (beta1, beta2)")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU")
     zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage")
     grad_clip: Number = Field(1.0, ge=0.0, description="max gradient norm; 0 disables clipping")
-    seed: int = 42
+    seed: int = Field(42, description="model init, dropout and data order (each rank adds its rank)")
     checkpoint_every: int = Field(1000, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0, description="newest complete checkpoints kept (the best is kept too)")
     eval_every: int = Field(500, ge=0, description="steps between validation passes; 0: only before and after")
@@ -91,7 +91,7 @@ class TrainSpec(Section):
     on_divergence: Literal["stop", "rollback"] = Field("stop", description="NaN/inf loss: stop (exit 4), or "
                                                        "reload the last good checkpoint with a lower lr")
     rollback_lr_factor: Number = Field(0.5, gt=0, le=1.0, description="lr multiplier per rollback")
-    max_rollbacks: int = Field(3, ge=0)
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks before a divergence stops the run")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, "
                                          "about a third more compute")
     compile: bool = Field(False, description="torch.compile the model inside the engine (GPU)")
@@ -99,14 +99,15 @@ class TrainSpec(Section):
 
 
 class GenerationSpec(Section):
-    prompts: list[str] = Field(default_factory=lambda: ["Once upon a time"], min_length=1)
-    do_sample: bool = True
-    num_beams: int = Field(2, gt=0)
-    temperature: Number = Field(1.5, gt=0)
-    top_p: Number = Field(0.9, gt=0, le=1.0)
+    prompts: list[str] = Field(default_factory=lambda: ["Once upon a time"], min_length=1,
+                               description="texts the samples start from (before, during and after training)")
+    do_sample: bool = Field(True, description="sample; false: greedy or beam search")
+    num_beams: int = Field(2, gt=0, description="beams (1: no beam search)")
+    temperature: Number = Field(1.5, gt=0, description="sampling temperature")
+    top_p: Number = Field(0.9, gt=0, le=1.0, description="nucleus sampling mass")
     max_length: int = Field(30, gt=0, description="tokens, the prompt included (as in the original run)")
-    num_return_sequences: int = Field(1, gt=0)
-    seed: int = 42
+    num_return_sequences: int = Field(1, gt=0, description="samples per prompt")
+    seed: int = Field(42, description="sampling seed (each prompt adds its index)")
 
     @field_validator("prompts")
     @classmethod
@@ -117,7 +118,7 @@ class GenerationSpec(Section):
 
 
 class ResourcesSpec(Section):
-    accelerator: Literal["auto", "cuda", "cpu"] = "auto"
+    accelerator: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda where a GPU is visible")
     procs_per_node: int = Field(0, ge=0, description="processes per node; 0: one per GPU, or 2 on CPU")
     nnodes: int = Field(1, gt=0, description="nodes; NNODES / Slurm / Kubernetes variables win")
     node_timeout_s: Number = Field(120.0, gt=0, description="a node whose heartbeat stops this long is "

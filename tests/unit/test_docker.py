@@ -261,11 +261,20 @@ DEEPSPEED_OP_CONFIG_KEYS = {"offload_optimizer", "offload_param", "zero_quantize
                             "zenflow", "aio", "nvme_path"}
 
 
+DISABLE_OPS = "deepspeed.ops.__compatible_ops__ = {}"  # says no op is available: nothing is built or loaded
+
+
 def compiled_op_uses(source: str) -> list[str]:
     import ast
 
     found = []
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    disabling = [n for n in ast.walk(tree) if isinstance(n, ast.Assign) and ast.unparse(n) == DISABLE_OPS]
+    skip = {id(n) for a in disabling for n in ast.walk(a)}
+    for node in ast.walk(tree):
+        if id(node) in skip or (disabling and isinstance(node, ast.Import) and
+                                [a.name for a in node.names] == ["deepspeed.ops"]):
+            continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             found += [f"import {m}" for m in modules if m and ("deepspeed.ops" in m or "op_builder" in m)]
@@ -294,6 +303,9 @@ def test_compiled_op_finder_finds_what_it_should():
         "config key 'offload_optimizer'"]
     assert compiled_op_uses('cfg = {"optimizer": {"type": "AdamW"}}') == ["a DeepSpeed 'optimizer' config section"]
     assert compiled_op_uses('"""FusedAdam is not used"""\nx = {"optimizer": "adamw"}  # FusedAdam') == []
+    assert compiled_op_uses("import deepspeed.ops\ndeepspeed.ops.__compatible_ops__ = {}") == []
+    assert compiled_op_uses("import deepspeed.ops\ndeepspeed.ops.__compatible_ops__ = {'fused_adam': True}") == [
+        "import deepspeed.ops", "deepspeed.ops.__compatible_ops__", "deepspeed.ops"]
 
 
 def test_job_uses_no_deepspeed_feature_that_needs_a_compiled_op():

@@ -64,6 +64,7 @@ def setup(rank: int | None = None, verbose: bool = False, stream=None) -> None:
     root.setLevel(logging.INFO)
     logging.getLogger("ftjob").setLevel(logging.INFO)
     logging.captureWarnings(True)  # FutureWarning & co. become records: file always, console if verbose
+    logging.raiseExceptions = False  # a log file on a full volume must not print tracebacks of its own
     route_library_loggers()
 
 

@@ -337,8 +337,12 @@ def _owner(spec: JobSpec, paths: RunPaths, restart: bool, node: NodeInfo | None 
             log.info("removed %d partial file(s) a stopped attempt left: %s", len(removed),
                      ", ".join(p.name for p in removed[:5]))
         start_run_dir(spec, paths, restart)
-        with _node_files(spec, paths, node or ONE_NODE) as watch:
-            yield watch
+        try:
+            with _node_files(spec, paths, node or ONE_NODE) as watch:
+                yield watch
+        except errors.VolumeError:
+            remove_partial_files(paths)  # what the workers could not clean up: nothing half-written stays
+            raise
 
 
 @contextlib.contextmanager

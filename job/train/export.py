@@ -14,7 +14,7 @@ import torch
 
 from .. import faults, pretrained
 from ..errors import BadInput
-from ..rundir import atomic_dir, read_marker, verify_checkpoint, writing
+from ..rundir import RunPaths, atomic_dir, read_marker, verify_checkpoint, writing
 from .checkpoint import DS_TAG
 
 log = logging.getLogger("ftjob")
@@ -30,7 +30,7 @@ def export_final(engine, tokenizer, out_dir: Path, rank: int, zero_stage: int) -
         return
     module = engine.module
     state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
-    with writing(out_dir, "the final model"), atomic_dir(out_dir) as tmp:
+    with writing(out_dir, "the final model", RunPaths(out_dir.parent)), atomic_dir(out_dir) as tmp:
         if faults.ACTIVE:
             faults.delay("export")
         module.save_pretrained(tmp, state_dict=state, safe_serialization=True)

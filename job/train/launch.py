@@ -146,9 +146,12 @@ class Launch:
         elif self.filter.console_wants(line):
             sys.stderr.write(line)
             sys.stderr.flush()
-        if log_f:
-            log_f.write(line)
-            log_f.flush()
+        if log_f and not log_f.closed:
+            try:
+                log_f.write(line)
+                log_f.flush()
+            except OSError:  # the volume is full: the console still gets what matters
+                log_f.close()
 
     def run(self) -> int:
         handled = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

@@ -116,6 +116,7 @@ class Trainer:
             self.engine.compile()
         self.device = self.engine.device
         self.step, self.tokens, self.attempt, self.rollbacks = 0, 0, 1, 0
+        self.last_eval_step = -1
         self._order_epoch, self._order = -1, None
         self.checkpointer = Checkpointer(self.engine, paths, t.checkpoint_every, t.keep_checkpoints, self.rank,
                                          self.world, self.barrier, self.data_fingerprint)
@@ -165,7 +166,8 @@ class Trainer:
         return {"step": self.step, "tokens": self.tokens, "epoch": epoch, "step_in_epoch": in_epoch,
                 "world_size": self.world, "global_batch": self.global_batch, "grad_accum": self.grad_accum,
                 "total_steps": self.total_steps, "attempt": self.attempt, "rollbacks": self.rollbacks,
-                "blocks_per_step": self.schedule.blocks_per_step, "eval_history": self.evaluator.history()}
+                "blocks_per_step": self.schedule.blocks_per_step, "eval_history": self.evaluator.history(),
+                "last_eval_step": self.last_eval_step}
 
     # ------------------------------------------------------------------ the run
 
@@ -202,6 +204,7 @@ class Trainer:
         state = self.checkpointer.load(self.resume_from)
         self.step, self.tokens, self.attempt = state["step"], state["tokens"], state.get("attempt", 1) + 1
         self.rollbacks = state.get("rollbacks", 0)
+        self.last_eval_step = state.get("last_eval_step", -1)
         self.evaluator.restore(state.get("eval_history"))
         if state.get("world_size", self.world) != self.world and self.rank == 0:
             log.info("resuming on %d processes (the checkpoint has %d): gradient accumulation %d -> %d, still %d "
@@ -293,6 +296,7 @@ class Trainer:
 
     def evaluate(self) -> dict | None:
         self.state(Stage.EVAL)
+        self.last_eval_step = self.step
         record = self.evaluator(self.step, self.tokens)
         if record is None:
             return None
@@ -328,8 +332,9 @@ class Trainer:
         self.checkpointer.save(self.step, self.trainer_state())
 
     def finish(self) -> None:
-        """The final evaluation (an early stop comes right after one), checkpoint and export."""
-        if not self.stopped_early:
+        """The final evaluation (unless one ran at this step: an early stop, a resume at the end), the final
+        checkpoint and the export."""
+        if self.last_eval_step != self.step:
             self.evaluate()
         if not self.checkpointer.saved_at(self.step):
             self.save()
@@ -346,6 +351,7 @@ class Trainer:
             return False
         state = self.checkpointer.load(last)
         self.step, self.tokens = state["step"], state["tokens"]
+        self.last_eval_step = state.get("last_eval_step", -1)
         self.rollbacks += 1
         self.metrics.open_window()
         scheduler = self.engine.lr_scheduler
@@ -388,6 +394,11 @@ def _plain_gloo_on_cpu() -> None:
     deepspeed.ops.__compatible_ops__ = {}
 
 
+def _a_peer_stopped(e: Exception) -> bool:
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m job.train.worker")
     parser.add_argument("--run-dir", required=True)
@@ -400,8 +411,11 @@ def main(argv=None) -> int:
     except errors.JobError as e:
         sys.stderr.write(errors.WORKER_ERROR_PREFIX + json.dumps({"code": e.exit_code, "message": str(e), "rank": rank}) + "\n")
         code = e.exit_code
-    except Exception:
-        log.exception("training failed")  # the "[rank N]" prefix says which rank, in a shared log
+    except Exception as e:
+        if _a_peer_stopped(e):  # the rank that stopped first says why; this is only the echo of it
+            log.error("stopping: another rank stopped (%s)", str(e).splitlines()[0][:160])
+        else:
+            log.exception("training failed")  # the "[rank N]" prefix says which rank, in a shared log
         code = errors.FAILED
     sys.stdout.flush()
     sys.stderr.flush()

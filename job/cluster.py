@@ -149,6 +149,18 @@ class PeerWatch:
         except (OSError, ValueError):
             return None
 
+    def alive(self, rank: int) -> dict | None:
+        """The peer's heartbeat record if it has beaten since watching began (this attempt), else None."""
+        rec = self._read(rank)
+        if rec is None or rec == self.first[rank] or rec.get("status") != "running":
+            return None
+        return rec
+
+    def finished(self, rank: int) -> bool:
+        """The peer ended this attempt with success (e.g. node 0 found the run already trained)."""
+        rec = self._read(rank)
+        return rec is not None and rec != self.first[rank] and rec.get("status") == "exited" and rec["exit_code"] == 0
+
     def problem(self) -> str | None:
         """None while every peer seen so far is alive, else one sentence naming the lost node."""
         now = time.monotonic()

@@ -12,6 +12,10 @@ DIVERGED = 4  # loss went NaN/inf or the fp16 loss scale collapsed; the last goo
 VOLUME = 74  # EX_IOERR: the output volume is full, read-only or failing; fix it, then rerun (it resumes)
 PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a complete checkpoint; run again to resume
 
+# Internal, between a worker and its `ftjob` process, never a job's exit code: the worker stopped because
+# another rank's collective broke (that rank's node says why); `ftjob` exits FAILED naming that node.
+PEER_LOST = 86
+
 # A worker's JobError travels to the `ftjob` process as one line of its output: this prefix, then JSON
 # {"code", "message", "rank"}; `ftjob` reports it as its own one-line error with that exit code.
 WORKER_ERROR_PREFIX = "FTJOB-ERROR "

@@ -64,7 +64,8 @@ def train(spec_file: str, overrides: list[str], verbose: bool = False) -> int:
     paths = RunPaths(spec.run_dir)
     if node.node_rank != 0:
         with _peer_session(spec, paths, node) as watch:
-            wait_for_manifest(paths, watch)
+            if wait_for_manifest(paths, watch) is None:
+                return errors.OK
             return train_stage(spec, paths, node, verbose, watch)
     with _owner(spec, paths, restart=False, node=node) as watch:
         manifest = read_manifest(paths)
@@ -72,6 +73,7 @@ def train(spec_file: str, overrides: list[str], verbose: bool = False) -> int:
             raise BadInput(f"no prepared data in {paths.data}; run `ftjob prepare` first (or `ftjob run`)")
         check_pinned_data(spec, paths, manifest)
         plan_stage(spec, paths, node)
+        write_state(paths, data_ready_for=data_ready_mark())
         return train_stage(spec, paths, node, verbose, watch)
 
 
@@ -113,6 +115,7 @@ def _all_stages(spec: JobSpec, paths: RunPaths, node: NodeInfo, restart: bool, v
         log.info("already trained (%s); use --restart to train again", paths.final)
     else:
         plan_stage(spec, paths, node)
+        write_state(paths, data_ready_for=data_ready_mark())
         code = train_stage(spec, paths, node, verbose, watch)
         if code != errors.OK:
             report_stage(paths)
@@ -459,20 +462,30 @@ def check_pinned_data(spec: JobSpec, paths: RunPaths, manifest: dict) -> None:
                     manifest.get("created"), paths.data)
 
 
-def wait_for_manifest(paths: RunPaths, watch: PeerWatch | None = None, timeout_s: float = 4 * 3600,
-                      poll_s: float = 2.0) -> dict:
-    """Nodes other than rank 0 wait for rank 0's data (shared volume) instead of preparing it again."""
+def data_ready_mark() -> str:
+    """Who said the data is ready: node 0's `ftjob` process of this attempt (its heartbeat names it too)."""
+    from .rundir import hostname
+
+    return f"{hostname()}:{os.getpid()}"
+
+
+def wait_for_manifest(paths: RunPaths, watch: PeerWatch, timeout_s: float = 4 * 3600,
+                      poll_s: float = 1.0) -> dict | None:
+    """Nodes other than rank 0 wait for rank 0's data (shared volume) instead of preparing it again: until
+    node 0 of this attempt (alive in its heartbeat) has marked the data ready. State left by an earlier
+    attempt (a "failed", an old manifest) is not taken for this one's."""
     start = time.monotonic()
     last_note = 0.0
     while True:
-        manifest, state = read_manifest(paths), read_state(paths)
-        if state.get("stage") == Stage.FAILED:
-            raise JobError(f"node 0 failed ({state.get('error', 'see its log')}); not starting this node")
-        if manifest and state.get("stage") != Stage.PREPARE:
-            return manifest
-        problem = watch.problem() if watch else None
+        problem = watch.problem()
         if problem:
             raise JobError(f"{problem} while this node waited for its data; stopping")
+        node0, manifest = watch.alive(0), read_manifest(paths)
+        if node0 and manifest and read_state(paths).get("data_ready_for") == f"{node0['host']}:{node0['pid']}":
+            return manifest
+        if watch.finished(0):
+            log.info("node 0 finished this attempt without training (already trained?); nothing to do here")
+            return None
         if time.monotonic() - start > timeout_s:
             raise JobError(f"waited {timeout_s:.0f}s for node 0 to write {paths.manifest}; is node 0 running and "
                            "is the output directory a shared volume?")
@@ -499,10 +512,17 @@ def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo, verbose: bool = 
                     paths.log_file(node.node_rank), verbose, watch,
                     on_tick=_report_when_evaluated(paths) if node.node_rank == 0 else None, bar=bar)
     code = launch.run()
-    return _training_outcome(paths, node, launch, code)
+    return _training_outcome(paths, node, launch, code, watch)
 
 
-def _training_outcome(paths: RunPaths, node: NodeInfo, launch, code: int) -> int:
+def _training_outcome(paths: RunPaths, node: NodeInfo, launch, code: int, watch: PeerWatch | None) -> int:
+    if code == errors.PEER_LOST and watch and not launch.peer_problem:
+        # Our workers stopped because another node's did: name that node, whose `ftjob` writes its exit
+        # status into its heartbeat file as it ends (or whose heartbeat stops).
+        deadline = time.monotonic() + watch.timeout_s
+        while launch.peer_problem is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            launch.peer_problem = watch.problem()
     if launch.peer_problem:
         last = newest_complete(paths.checkpoints, verify=False)
         raise JobError(f"{launch.peer_problem}; this node stopped too. Run the job again: it resumes from "
@@ -519,6 +539,8 @@ def _training_outcome(paths: RunPaths, node: NodeInfo, launch, code: int) -> int
         return errors.PREEMPTED
     if code in (errors.DIVERGED, errors.LOCKED):
         return code
+    if code == errors.PEER_LOST:
+        raise JobError("another rank stopped and this node's workers with it; see the other nodes' logs")
     if node.node_rank == 0:
         write_state(paths, stage=Stage.FAILED, exit_code=code)
     raise JobError(f"training failed (the launcher exited {code}); the workers' error is above and in "

@@ -70,14 +70,16 @@ def worker_processes(root_pid: int) -> list:
         children = psutil.Process(root_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    out = []
-    for p in children:
-        try:
-            if WORKER_MODULE in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
+    return [p for p in children if is_worker(p)]
+
+
+def is_worker(process) -> bool:
+    """`python -u -m job.train.worker ...`; the launch process names the module too, as an argument."""
+    try:
+        cmdline = process.cmdline()
+    except Exception:  # psutil.Error: gone or not ours
+        return False
+    return "-m" in cmdline and cmdline[cmdline.index("-m") + 1:cmdline.index("-m") + 2] == [WORKER_MODULE]
 
 
 class Launch:

@@ -414,9 +414,10 @@ def main(argv=None) -> int:
     except Exception as e:
         if _a_peer_stopped(e):  # the rank that stopped first says why; this is only the echo of it
             log.error("stopping: another rank stopped (%s)", str(e).splitlines()[0][:160])
+            code = errors.PEER_LOST
         else:
             log.exception("training failed")  # the "[rank N]" prefix says which rank, in a shared log
-        code = errors.FAILED
+            code = errors.FAILED
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: DeepSpeed/gloo threads can hang at exit, and everything is written.

@@ -198,3 +198,55 @@ def test_divergence_can_roll_back_to_the_last_good_checkpoint_with_a_lower_lr(de
     lr = demo_spec["train"]["lr"]
     assert all(m["lr"] == lr for m in metrics[:4]) and all(abs(m["lr"] - lr / 2) < 1e-12 for m in metrics[4:])
     assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_a_run_keeps_its_data_when_the_database_changes_and_a_slow_save_completes(reference, demo_spec, tmp_path):
+    """Preempted with a checkpoint save slowed to 45 s (DeepSpeed's launch process would have killed the
+    workers 30 s after a SIGTERM of its own: only the workers get it); 100 rows appended to the database
+    before the resume, then preempted again and the database only touched. The run keeps its split and its
+    prepared data, and ends with the uninterrupted run's weights. A changed data setting is refused."""
+    import shutil
+    import sqlite3
+
+    db = tmp_path / "wikibooks.sqlite"
+    shutil.copy(demo_spec["data"]["database"], db)
+    spec = resume_spec(tmp_path, demo_spec, "changing", data__database=str(db))
+    run = tmp_path / "runs" / "changing"
+
+    proc = start(spec, {"FTJOB_FAULTS": "delay_step=0.05,delay_save=45"})
+    wait_until(lambda: any(m["step"] >= 5 for m in jsonl(run / "metrics.jsonl")), what="step 5")
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    took = time.monotonic() - signalled
+    assert proc.returncode == errors.PREEMPTED, err[-3000:]
+    first_stop = state(run)["step"]
+    assert took >= 45 and (run / "checkpoints" / f"step-{first_stop:08d}" / "COMPLETE.json").exists()
+    assert f"checkpoint step-{first_stop:08d} is complete" in err
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+
+    with sqlite3.connect(db) as conn:  # 100 more rows, as a live database grows
+        rows = conn.execute("SELECT * FROM en LIMIT 100").fetchall()
+        conn.executemany("INSERT INTO en VALUES (?, ?, ?, ?, ?)", rows)
+    conn.close()
+    proc = start(spec, {"FTJOB_FAULTS": "delay_step=0.05"})
+    wait_until(lambda: any(m["step"] >= first_stop + 8 for m in jsonl(run / "metrics.jsonl")), what="more steps")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == errors.PREEMPTED, err[-3000:]
+    assert "changed since this run's data was prepared" in err and "keeps its own prepared data" in err
+
+    os.utime(db)  # only the modification time changes
+    proc = run_ftjob("run", spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "changed since this run's data was prepared" in proc.stderr
+    after = json.loads((run / "data" / "manifest.json").read_text())
+    assert after == manifest  # same split, same shards, same hashes: the run's own snapshot
+    assert (after["splits"]["train"]["documents"], after["splits"]["valid"]["documents"]) == (451, 113)
+    got = final_weights(run)
+    worst = max((got[k] - reference["weights"][k]).abs().max().item() for k in got)
+    assert worst <= 1e-6, f"final weights differ from the uninterrupted run by {worst}"
+
+    proc = run_ftjob("run", spec, "--set", "data.block_size=32")
+    assert proc.returncode == errors.BAD_INPUT, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1].startswith("ftjob: error: data.block_size: changed since this run's data")

@@ -90,7 +90,8 @@ def run(spec_file: str, overrides: list[str], restart: bool = False, wait_for_in
         with _signals_interrupt_stages():
             if node.node_rank != 0:
                 with _peer_session(spec, paths, node) as watch:
-                    wait_for_manifest(paths, watch)
+                    if wait_for_manifest(paths, watch) is None:
+                        return errors.OK
                     return train_stage(spec, paths, node, verbose, watch)
             with _owner(spec, paths, restart, node) as watch:
                 return _all_stages(spec, paths, node, restart, verbose, watch)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -84,12 +85,21 @@ def dispatch(args) -> int:
     return commands[args.command]()
 
 
+def _stopped_while_starting(signum, frame):
+    raise errors.Stopped(f"stopped by {signal.Signals(signum).name} while starting; nothing was written yet")
+
+
 def main(argv=None) -> None:
+    if argv is None:  # the process's entry point (not a test calling in): a preemption notice in the first
+        # seconds, before the run installs its own handlers, is still "stopped, resumable" (75)
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, _stopped_while_starting)
     argv = sys.argv[1:] if argv is None else argv
     # Clusters rarely reach the Hub: models come from local paths or the local cache, for this process
     # and (through the environment) its workers.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars: ftjob has its own
     if argv[:1] == ["bench"]:  # its own parser: a tool for engineers, not a job stage
         logs.setup()
         from .bench import main as bench_main
@@ -99,6 +109,9 @@ def main(argv=None) -> None:
     logs.setup(verbose=args.verbose)
     try:
         code = dispatch(args)
+    except errors.Stopped as e:
+        print(f"ftjob: {e}", file=sys.stderr)
+        code = e.exit_code
     except errors.JobError as e:
         print(f"ftjob: error: {e}", file=sys.stderr)
         code = e.exit_code

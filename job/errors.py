@@ -58,6 +58,12 @@ class RunLocked(JobError):
     exit_code = LOCKED
 
 
+class Stopped(JobError):
+    """Stopped by a preemption signal before anything needed saving: resumable as is."""
+
+    exit_code = PREEMPTED
+
+
 class VolumeError(JobError):
     """The output volume is full, read-only or failing: nothing the spec can fix, nor a retry as is."""
 

@@ -82,6 +82,13 @@ def is_worker(process) -> bool:
     return "-m" in cmdline and cmdline[cmdline.index("-m") + 1:cmdline.index("-m") + 2] == [WORKER_MODULE]
 
 
+def _ignore_usr1() -> None:
+    """In the launcher: Slurm can signal every process of a step (`scancel --signal=USR1` without --batch),
+    and SIGUSR1 kills a process without a handler. The launch process ignores it; the workers set their
+    own handler, so it still reaches them as a stop request."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class Launch:
     """Runs the launcher. SIGTERM/SIGUSR1/SIGINT to this process become SIGTERM to the workers only:
     DeepSpeed's per-node launch process SIGKILLs its workers 30 s after it gets a SIGTERM itself, which
@@ -163,7 +170,7 @@ class Launch:
             log.info("launching: %s", " ".join(self.cmd))
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
-                                         errors="replace")
+                                         errors="replace", preexec_fn=_ignore_usr1)
             pump = threading.Thread(target=self._pump, name="ftjob-launcher-output", daemon=True)
             pump.start()
             if self.signalled:  # a signal that came while starting

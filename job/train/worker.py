@@ -114,6 +114,12 @@ class Trainer:
         logs.route_library_loggers()
         if t.compile:
             self.engine.compile()
+        if self.rank == 0:
+            log.info("model: %.2fM parameters, %s attention, gradient checkpointing %s; %s, ZeRO-%d, %d processes x "
+                     "%d micro-batch x %d accumulation = %d sequences of %d tokens per step", self.n_params / 1e6,
+                     model.config._attn_implementation, "on" if model.is_gradient_checkpointing else "off",
+                     self.precision, t.zero_stage, self.world, t.micro_batch, self.grad_accum, self.global_batch,
+                     self.block_size)
         self.device = self.engine.device
         self.step, self.tokens, self.attempt, self.rollbacks = 0, 0, 1, 0
         self.last_eval_step = -1

@@ -52,6 +52,36 @@ def test_run_succeeds_and_leaves_every_output(demo_run):
     assert json.loads((run / "state.json").read_text())["stage"] == "done"
 
 
+def test_console_is_quiet_and_the_run_log_has_the_detail(demo_run):
+    """ftjob's own lines on the console (at most 25 for the demo); DeepSpeed's INFO lines, FutureWarnings and
+    transformers' notices only in <run>/logs/ftjob.log, beside every line the console showed."""
+    lines = demo_run["proc"].stderr.splitlines()
+    assert len(lines) <= 25, "\n".join(lines)
+    assert all(" ftjob " in line for line in lines), "\n".join(lines)
+    for noise in ("FutureWarning", "[INFO]", "loss_type=None", "torch_dtype", "Setting CUDA_VISIBLE_DEVICES"):
+        assert noise not in demo_run["proc"].stderr
+    log = (demo_run["run"] / "logs" / "ftjob.log").read_text()
+    assert "FutureWarning" in log and "loss_type=None" in log  # the detail is kept, not lost
+    logged = set(log.splitlines())
+    assert all(line in logged for line in lines if "ftjob ftjob attempt" not in line)
+
+
+def test_the_plan_made_before_training_matches_the_run(demo_run):
+    """plan.json (ftjob plan's figures for this run): exact step count, checkpoint size within 10% of the
+    real one, worker memory (RSS, CPU) within 25% of the measured peak."""
+    run = demo_run["run"]
+    plan = json.loads((run / "plan.json").read_text())["estimates"]
+    state = json.loads((run / "state.json").read_text())
+    assert plan["total_steps"] == state["total_steps"] == 48
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    real = sum(f["bytes"] for f in json.loads((run / "checkpoints" / latest / "COMPLETE.json").read_text())["files"].values())
+    assert abs(plan["checkpoint_bytes"] - real) <= 0.10 * real, (plan["checkpoint_bytes"], real)
+    rss = max(m["peak_rss_mib"] for m in jsonl(run / "metrics.jsonl"))
+    assert abs(plan["peak_rss_mib"] - rss) <= 0.25 * rss, (plan["peak_rss_mib"], rss)
+    status = run_ftjob("status", run).stdout
+    assert "checkpoint size: plan" in status and "peak worker RSS: plan" in status
+
+
 def test_validation_loss_falls_and_is_recorded_before_during_after(demo_run):
     evals = jsonl(demo_run["run"] / "eval.jsonl")
     steps = [e["step"] for e in evals]
@@ -174,10 +204,14 @@ def test_rerun_of_a_finished_run_does_no_work(demo_run):
 @pytest.mark.parametrize("optimizer,precision,zero", [("adafactor", "bf16", 2), ("adamw", "fp32", 3),
                                                       ("adamw", "fp32", 0)])
 def test_optimizers_precisions_and_zero_stages(demo_assets, demo_spec, tmp_path, optimizer, precision, zero):
+    # ZeRO 0 also trains blocks as long as the model's positions (256), with gradient checkpointing and
+    # eager attention: the memory settings end to end.
+    memory = dict(data__block_size=256, train__gradient_checkpointing=True, model__attn_implementation="eager",
+                  train__micro_batch=2) if zero == 0 else {}
     path = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(tmp_path / "runs"),
                       train__optimizer=optimizer, train__precision=precision, train__zero_stage=zero,
                       train__max_steps=6, train__eval_every=0, train__checkpoint_every=3, train__log_every=1,
-                      train__sample_every=0, generation__max_length=12, report__tensorboard=zero == 0)
+                      train__sample_every=0, generation__max_length=12, report__tensorboard=zero == 0, **memory)
     proc = run_ftjob("run", path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "demo"
@@ -196,6 +230,12 @@ def test_optimizers_precisions_and_zero_stages(demo_assets, demo_spec, tmp_path,
         acc.Reload()
         assert {"train/loss", "train/lr", "eval/loss"} <= set(acc.Tags()["scalars"])
         assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+        manifest = json.loads((run / "data" / "manifest.json").read_text())
+        assert manifest["block_size"] == 256 and manifest["splits"]["train"]["blocks"] > 0
+        # what the worker's model really is, as it reports it (HF's own attributes, not the spec)
+        assert "eager attention, gradient checkpointing on" in proc.stderr
+    else:
+        assert "sdpa attention, gradient checkpointing off" in proc.stderr
 
 
 def test_stages_run_alone(demo_spec, tmp_path):

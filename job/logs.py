@@ -14,7 +14,7 @@ from pathlib import Path
 
 FORMAT_DATE = "%Y-%m-%d %H:%M:%S"
 # Libraries that install their own console handlers; routed through ours instead.
-LIBRARY_LOGGERS = ("DeepSpeed", "transformers", "torch", "datasets", "huggingface_hub", "accelerate")
+LIBRARY_LOGGERS = ("DeepSpeed", "transformers", "torch", "huggingface_hub", "accelerate")
 
 _OWN_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ftjob ")
 _LIBRARY_ERROR = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ (ERROR|CRITICAL): |\[ERROR\]")

@@ -1042,8 +1042,8 @@ class Plan:
         else:
             lines.append("data     not prepared and not estimated: steps and data size unknown")
         if self.steps is not None:
-            lines.append(f"steps    {self.steps.describe()}; {self.steps.evaluations} evaluations, "
-                         f"{self.steps.checkpoints} checkpoints")
+            lines.append(f"steps    {self.steps.describe()}; {_n(self.steps.evaluations, 'evaluation')}, "
+                         f"{_n(self.steps.checkpoints, 'checkpoint')}")
         limit = self.chosen_memory.limit_bytes
         unit = "GPU" if self.device != "cpu" else "process"
         lines += ["", f"memory per {unit}" + (f" (limit {_gib(limit)})" if limit else "") +

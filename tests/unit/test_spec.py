@@ -1,6 +1,8 @@
 """The spec's own rules, in-process: every key documented, errors with file and line, overrides, paths."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from job import spec as spec_lib
@@ -44,3 +46,9 @@ def test_empty_sections_mean_defaults(tmp_path):
     p.write_text(MINIMAL + "train:\nreport:\n")
     spec = spec_lib.load(p)
     assert spec.train == spec_lib.TrainSpec() and spec.report.log_interval_s == 30.0
+
+
+def test_the_readme_documents_every_key():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    missing = [k for k in spec_lib.field_docs() if f"| `{k}` |" not in readme]
+    assert not missing, f"README.md's spec reference lacks {missing}"

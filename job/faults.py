@@ -24,7 +24,7 @@ def _parse(text: str) -> dict[str, float]:
 SETTINGS = _parse(os.environ.get("FTJOB_FAULTS", ""))
 TRACE_DIR = os.environ.get("FTJOB_TRACE_BLOCKS") or None
 ACTIVE = bool(SETTINGS or TRACE_DIR)
-_poisoned = False
+_poisoned: set[str] = set()
 
 
 def delay(point: str) -> None:
@@ -48,9 +48,10 @@ def trace_blocks(rank: int, step: int, indices) -> None:
 
 
 def poison(loss, step: int):
-    """NaN loss once, at optimizer step `nan_at_step` (0-based), in this process: a transient blow-up."""
-    global _poisoned
-    if not _poisoned and SETTINGS.get("nan_at_step") == step:
-        _poisoned = True
-        return loss * float("nan")
+    """NaN loss at optimizer step `nan_at_step` (0-based), and again at `nan_again_at_step`, each once in
+    this process: transient blow-ups."""
+    for key in ("nan_at_step", "nan_again_at_step"):
+        if key not in _poisoned and SETTINGS.get(key) == step:
+            _poisoned.add(key)
+            return loss * float("nan")
     return loss

@@ -32,8 +32,9 @@ def weights(directory: Path) -> dict:
 def test_best_model_is_kept_and_early_stopping_stops_at_the_expected_evaluation(demo_spec, tmp_path):
     """The learning rate ramps up to 0.3 (warm-up over the whole run, no clipping), so validation loss
     falls first and then rises: the best evaluation comes early, and patience 2 ends the run two
-    evaluations after it."""
+    evaluations after it. ZeRO-3, so best/ comes from a partitioned checkpoint."""
     spec = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(tmp_path / "runs"), data__limit=120,
+                      train__zero_stage=3,
                       train__lr=0.3, train__scheduler="constant", train__warmup_steps=30, train__grad_clip=0.0,
                       train__micro_batch=4, train__grad_accum=1, train__max_steps=30, train__eval_every=2,
                       train__checkpoint_every=2, train__keep_checkpoints=1, train__log_every=2,
@@ -132,8 +133,10 @@ def test_a_volume_that_fills_up_stops_cleanly_and_the_run_resumes(demo_spec, tmp
                       train__log_every=1, generation__max_length=12)
     run = small_volume / "demo"
     stage = "checkpoint" if moment == "checkpoint" else "export"
+    # Both ranks write their part of a checkpoint; the export is rank 0's alone, so one worker will do.
+    procs = "2" if moment == "checkpoint" else "1"
     proc = subprocess.Popen(ftjob_command() + ["run", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, FTJOB_FAULTS=fault))
+                            text=True, env=dict(os.environ, FTJOB_FAULTS=fault, NPROC_PER_NODE=procs))
 
     def at_moment():
         try:
@@ -157,7 +160,7 @@ def test_a_volume_that_fills_up_stops_cleanly_and_the_run_resumes(demo_spec, tmp
         assert "last complete checkpoint: step-00000008" in message and not (run / "final").exists()
 
     filler.unlink()  # room again (as after growing the volume): the same command resumes and finishes
-    proc = run_ftjob("run", spec)
+    proc = run_ftjob("run", spec, env={"NPROC_PER_NODE": procs})
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = "step-00000004" if moment == "checkpoint" else "step-00000008"
     if moment == "checkpoint":

@@ -848,7 +848,7 @@ def test_hub_id_in_the_mounted_cache_works_offline(tmp_path, request):
 # Small enough for two CPU processes in well under a minute, after the one-off DeepSpeed shm op build.
 CPU_SIZES = ["--set", "resources.accelerator=cpu", "--set", "train.max_steps=2", "--set", "train.micro_batch=2",
              "--set", "train.grad_accum=1", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=1",
-             "--set", "data.block_size=32", "--set", "data.workers=1"]
+             "--set", "data.block_size=32", "--set", "data.workers=1", "--set", "resources.procs_per_node=1"]
 
 
 def _free_port() -> int:

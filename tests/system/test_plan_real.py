@@ -44,10 +44,10 @@ def check_checkpoints(records: list[dict], config: dict, world: int) -> None:
                                                 m["checkpoint_files"])
 
 
-def test_ruGPT3small_engines_and_checkpoints():
-    cases = [{"config": BIG, "stage": 1, "optimizer": "adamw", "precision": "fp32", "save": True},
-             {"config": BIG, "stage": 0, "optimizer": "adafactor", "precision": "bf16", "save": True},
-             {"config": BIG, "stage": 2, "optimizer": "adafactor", "precision": "fp32"}]
+def test_ruGPT3small_engine_and_checkpoint():
+    """One 125M engine (the other stages and optimizers at this shape are exact on meta tensors in the unit
+    tests, and on real engines at small shapes below)."""
+    cases = [{"config": BIG, "stage": 1, "optimizer": "adamw", "precision": "fp32", "save": True}]
     records = unit.run_measure(cases, timeout=1200)
     check_state(records, BIG, 1)
     check_checkpoints(records, BIG, 1)
@@ -55,13 +55,12 @@ def test_ruGPT3small_engines_and_checkpoints():
     assert abs(sum(records[0]["checkpoint_files"].values()) - 2.0e9) < 0.05e9
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_two_ranks_partition_and_pad(stage):
+def test_two_ranks_partition_and_pad():
     cases = [{"config": ODD, "stage": stage, "optimizer": opt, "precision": prec, "save": True}
-             for opt, prec in (("adamw", "fp32"), ("adafactor", "bf16"))]
+             for stage in (1, 2, 3) for opt, prec in (("adamw", "fp32"), ("adafactor", "bf16"))]
     records = unit.run_measure(cases, timeout=600, world=2)
-    assert {m["rank"] for m in records} == {0, 1}
+    assert {m["rank"] for m in records} == {0, 1} and {m["stage"] for m in records} == {1, 2, 3}
     check_state(records, ODD, 2)
     check_checkpoints(records, ODD, 2)
-    if stage < 3:
+    for stage in (1, 2):
         assert plan.state_bytes(plan.ModelShape(**ODD), "fp32", stage, "adamw", 2).partition == 616  # 1232 / 2

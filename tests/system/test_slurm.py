@@ -525,6 +525,7 @@ def test_demo_under_sbatch_completes(slurm, demo_assets, tmp_path):
     runs = tmp_path / "runs"
     job = slurm.sbatch(
         MULTI, str(demo_assets.spec), "--set", f"output_dir={runs}", "--set", "name=slurm-demo",
+        "--set", "train.max_steps=8", "--set", "train.sample_every=0", "--set", "generation.max_length=12",
         env=job_env(), sbatch_args=[f"--chdir={tmp_path}", *node_args(slurm, MULTI)],
     )
     log = tmp_path / f"ftjob-{job}.out"
@@ -552,7 +553,7 @@ def test_preempted_demo_resubmits_itself_where_requeue_is_refused_and_resumes(sl
         "--set", f"train.max_steps={max_steps}", "--set", "train.log_every=1",
         # Only the preemption writes a checkpoint before the end, so the one we find is that one.
         "--set", "train.checkpoint_every=100000", "--set", "train.eval_every=0", "--set", "train.sample_every=0",
-        "--set", "generation.max_length=12",
+        "--set", "generation.max_length=12", "--set", "resources.procs_per_node=1",
         env=env, sbatch_args=[f"--chdir={tmp_path}", *node_args(slurm)],
     )
     log = tmp_path / f"ftjob-{job}.out"

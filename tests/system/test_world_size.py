@@ -72,7 +72,7 @@ def test_resume_on_another_number_of_processes(demo_spec, tmp_path, uninterrupte
             leg(spec, run, world[2], trace, stop_after=None)]
     accum = {2: 2, 1: 4}
     for before, after, log in zip(world, world[1:], logs[1:]):
-        assert f"the number of processes changed since step-" in log and f"{before} -> {after}" in log
+        assert "the number of processes changed since step-" in log and f"{before} -> {after}" in log
         assert f"gradient accumulation {accum[before]} -> {accum[after]} keeps 32 sequences per step" in log
     state = json.loads((run / "state.json").read_text())
     assert (state["global_batch"], state["world_size"], state["grad_accum"]) == (32, world[2], accum[world[2]])

@@ -183,10 +183,16 @@ def _separator_ids(tok, join: str) -> list[int]:
     return tok("\n", add_special_tokens=False)["input_ids"]
 
 
+IN_PROCESS_TEXT_BYTES = 16e6  # below this, starting tokenising processes costs more than it saves
+
+
 def _tokenise_all(text_shards, tokenise, workers, interval_s):
-    """`tokenise` on every text shard, one process per core."""
+    """`tokenise` on every text shard: one process per core (data.workers: 0), or as many as asked. Small
+    data (data.workers: 0 and under 16 MB of text) is tokenised in this process: each worker process
+    would spend a second or two importing transformers for a fraction of that in work."""
     jobs = [(split, s) for split in SPLITS for s in text_shards[split]]
-    workers = workers or os.cpu_count() or 1
+    small = sum(s["text_bytes"] for _, s in jobs) < IN_PROCESS_TEXT_BYTES
+    workers = workers or (1 if small else os.cpu_count() or 1)
     workers = max(1, min(workers, len(jobs)))
     results = {}
     with Progress(len(jobs), "tokenising", "shards", interval_s) as bar:

@@ -122,51 +122,62 @@ def partial_files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if ".tmp" in p.name or ".old-" in p.name)
 
 
-@pytest.mark.parametrize("moment, fault, where", [
-    ("checkpoint", "delay_save=3", "could not hold checkpoint step-00000004"),
-    ("export", "delay_export=3", "could not hold the final model"),
-])
-def test_a_volume_that_fills_up_stops_cleanly_and_the_run_resumes(demo_spec, tmp_path, small_volume, moment,
-                                                                   fault, where):
-    spec = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(small_volume), train__max_steps=8,
-                      train__checkpoint_every=4, train__keep_checkpoints=1, train__eval_every=0, train__sample_every=0,
-                      train__log_every=1, generation__max_length=12)
-    run = small_volume / "demo"
-    stage = "checkpoint" if moment == "checkpoint" else "export"
-    # Both ranks write their part of a checkpoint; the export is rank 0's alone, so one worker will do.
-    procs = "2" if moment == "checkpoint" else "1"
+def run_until_the_volume_fills(spec: Path, run: Path, volume: Path, stage: str, fault: str, procs: str):
+    """Start `ftjob run`, fill the volume while it is in `stage` (slowed down by `fault`), return its exit
+    code, stderr and the filler file."""
     proc = subprocess.Popen(ftjob_command() + ["run", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, FTJOB_FAULTS=fault, NPROC_PER_NODE=procs))
 
-    def at_moment():
+    def in_stage():
         try:
             return json.loads((run / "state.json").read_text()).get("stage") == stage
         except (OSError, ValueError):
             return False
 
-    wait_for(at_moment, 240, f"the {moment}")
-    filler = fill(small_volume)  # the volume fills up while the save or export is under way
+    wait_for(in_stage, 240, f"the {stage}")
+    filler = fill(volume)
     _, err = proc.communicate(timeout=240)
+    return proc.returncode, err, filler
 
-    assert proc.returncode == errors.VOLUME, err[-3000:]
+
+def assert_one_volume_line(code: int, err: str, *words: str) -> str:
+    assert code == errors.VOLUME, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip()]
     (message,) = [line for line in lines if line.startswith("ftjob: error:")]
     assert lines[-1] == message
-    for words in (f"volume {small_volume}", "MB free", where, "partial files removed", "last complete checkpoint"):
-        assert words in message, message
-    assert partial_files(run) == [], partial_files(run)
-    if moment == "export":
-        assert "last complete checkpoint: step-00000008" in message and not (run / "final").exists()
+    for w in words:
+        assert w in message, message
+    return message
 
-    filler.unlink()  # room again (as after growing the volume): the same command resumes and finishes
-    proc = run_ftjob("run", spec, env={"NPROC_PER_NODE": procs})
+
+def test_a_volume_that_fills_during_a_checkpoint_and_during_the_export(demo_spec, tmp_path, small_volume):
+    """Attempt 1 (two ranks, both write their part): the volume fills while checkpoint step 4 is written.
+    Attempt 2, with room again, starts over (no checkpoint had completed) and the volume fills while the
+    final model is exported. Attempt 3 resumes from the step-8 checkpoint and finishes. Each failure: exit
+    74, one line, no partial files."""
+    spec = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(small_volume), train__max_steps=8,
+                      train__checkpoint_every=4, train__keep_checkpoints=1, train__eval_every=0, train__sample_every=0,
+                      train__log_every=1, generation__max_length=12)
+    run = small_volume / "demo"
+    common = (f"volume {small_volume}", "MB free", "partial files removed", "last complete checkpoint")
+
+    code, err, filler = run_until_the_volume_fills(spec, run, small_volume, "checkpoint", "delay_save=3", "2")
+    assert_one_volume_line(code, err, *common, "could not hold checkpoint step-00000004",
+                           "last complete checkpoint: none yet")
+    assert partial_files(run) == [], partial_files(run)
+    filler.unlink()  # room again, as after growing the volume
+
+    code, err, filler = run_until_the_volume_fills(spec, run, small_volume, "export", "delay_export=3", "1")
+    assert "resumed from" not in err  # no checkpoint had completed: it started over
+    assert_one_volume_line(code, err, *common, "could not hold the final model",
+                           "last complete checkpoint: step-00000008")
+    assert partial_files(run) == [] and not (run / "final").exists()
+    filler.unlink()
+
+    proc = run_ftjob("run", spec, env={"NPROC_PER_NODE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = "step-00000004" if moment == "checkpoint" else "step-00000008"
-    if moment == "checkpoint":
-        assert "resumed from" not in proc.stderr  # no checkpoint had completed: it starts over
-    else:
-        assert f"resumed from {run / 'checkpoints' / resumed}" in proc.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step-00000008'}" in proc.stderr
     assert [m["step"] for m in jsonl(run / "metrics.jsonl")][-1] == 8
     assert (run / "final" / "config.json").exists() and partial_files(run) == []
     shutil.rmtree(run)

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -851,10 +850,6 @@ CPU_SIZES = ["--set", "resources.accelerator=cpu", "--set", "train.max_steps=2",
              "--set", "data.block_size=32", "--set", "data.workers=1", "--set", "resources.procs_per_node=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_manifest_locally(objects, tmp_path, request, env_overrides: dict[str, str],
@@ -909,15 +904,27 @@ def test_single_node_manifest_waits_for_its_database(tmp_path, request):
     _run_manifest_locally(render("base"), tmp_path, request, {}, database_after_s=10)
 
 
-@pytest.mark.slow
-def test_multinode_manifest_env_runs_as_a_local_process(tmp_path, request):
-    """Pod index 0's env with the node count cut to 1: the rank variables are ones ftjob accepts.
-    The cluster DNS name of the master does not resolve here, so loopback stands in for it."""
+@pytest.mark.parametrize("index", [0, 1])
+def test_multinode_pod_env_places_the_node_and_reaches_the_launcher(index, monkeypatch, tmp_path):
+    """Each pod's env, as the kubelet sets it for its completion index, read by ftjob's own node_info and
+    turned into DeepSpeed's launcher command (the single-node manifest runs as a real process above)."""
+    import base64
+
+    from job import spec as spec_lib
+    from job.cluster import node_info
+    from job.rundir import RunPaths
+    from job.train.launch import launcher_command
+
     objects = render("multinode")
-    env = env_of(workload(objects).container, completion_index=0)
-    assert env["NODE_RANK"] == "0"
-    port = str(_free_port())
-    _, log = _run_manifest_locally(objects, tmp_path, request,
-                                   {"NNODES": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-    # The port exists only in the env, so seeing it in the launch line shows the env was read.
-    assert re.search(rf"\b{port}\b", log), f"MASTER_PORT={port} from the env did not reach the launcher\n{log}"
+    env = env_of(workload(objects).container, completion_index=index)
+    for name in RANK_ENV | {"JOB_COMPLETION_INDEX", "SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_ID"}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = spec_lib.from_dict({**spec_of(objects), "resources": {"accelerator": "cuda"}})
+    node = node_info(spec, gpu_count=2)
+    assert (node.nnodes, node.node_rank, node.master_addr) == (int(env["NNODES"]), index, env["MASTER_ADDR"])
+    cmd = launcher_command(RunPaths(tmp_path), node)
+    assert f"--node_rank={index}" in cmd and f"--master_port={env['MASTER_PORT']}" in cmd
+    layout = json.loads(base64.urlsafe_b64decode(cmd[4].removeprefix("--world_info=")))
+    assert len(layout) == int(env["NNODES"]) and all(ids == [0, 1] for ids in layout.values())

@@ -74,45 +74,13 @@ def reference(demo_assets, tmp_path_factory):
             "trace": {f.name: f.read_text() for f in trace.iterdir()}}
 
 
-def test_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, demo_spec, tmp_path):
-    spec = resume_spec(tmp_path, demo_spec, "interrupted")
-    run = tmp_path / "runs" / "interrupted"
-    trace = tmp_path / "trace"
-    trace.mkdir()
-    env = {"FTJOB_TRACE_BLOCKS": str(trace), "FTJOB_FAULTS": "delay_step=0.05"}
-    proc = start(spec, env)
-    wait_until(lambda: any(m["step"] >= 7 for m in jsonl(run / "metrics.jsonl")), what="step 7")
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == errors.PREEMPTED, err[-3000:]
-    stopped = state(run)["step"]
-    assert 7 <= stopped < 16, "the signal should land inside the first epoch (16 steps)"
-    ckpt = run / "checkpoints" / f"step-{stopped:08d}"
-    marker = json.loads((ckpt / "COMPLETE.json").read_text())
-    assert marker["step"] == stopped and marker["tokens"] > 0
-    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
-
-    proc = run_ftjob("run", spec, env={"FTJOB_TRACE_BLOCKS": str(trace)})  # no flag: resumes by itself
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {ckpt}" in proc.stderr
-
-    # Same per-step losses, same blocks at every step, same final weights.
-    ref_losses = [(m["step"], m["loss"]) for m in reference["metrics"]]
-    got_losses = [(m["step"], m["loss"]) for m in jsonl(run / "metrics.jsonl")]
-    assert [s for s, _ in got_losses] == [s for s, _ in ref_losses]
-    for (s, a), (_, b) in zip(got_losses, ref_losses):
-        assert abs(a - b) <= 1e-6, f"step {s}: {a} vs {b}"
-    assert {f.name: f.read_text() for f in trace.iterdir()} == reference["trace"]
-    got = final_weights(run)
-    worst = max((got[k] - reference["weights"][k]).abs().max().item() for k in got)
-    assert worst <= 1e-6, f"final weights differ by {worst}"
-
-
-def test_a_run_keeps_its_data_when_the_database_changes_and_a_slow_save_completes(reference, demo_spec, tmp_path):
-    """Preempted with a checkpoint save slowed to 45 s (DeepSpeed's launch process would have killed the
-    workers 30 s after a SIGTERM of its own: only the workers get it); 100 rows appended to the database
-    before the resume, then preempted again and the database only touched. The run keeps its split and its
-    prepared data, and ends with the uninterrupted run's weights. A changed data setting is refused."""
+def test_preempted_twice_while_the_database_changes_resumes_exactly(reference, demo_spec, tmp_path):
+    """SIGTERM mid-epoch with a checkpoint save slowed to 45 s (DeepSpeed's launch process would have killed
+    the workers 30 s after a SIGTERM of its own: only the workers get it); 100 rows appended to the database
+    before the resume; SIGTERM again in the second epoch; the database only touched; the same command
+    again. Each resume starts from its checkpoint by itself; the run keeps its split and prepared data, and
+    ends with the uninterrupted run's blocks at every step, per-step losses and weights. A changed data
+    setting is refused."""
     import shutil
     import sqlite3
 
@@ -121,15 +89,22 @@ def test_a_run_keeps_its_data_when_the_database_changes_and_a_slow_save_complete
     spec = resume_spec(tmp_path, demo_spec, "changing", data__database=str(db))
     run = tmp_path / "runs" / "changing"
 
-    proc = start(spec, {"FTJOB_FAULTS": "delay_step=0.05,delay_save=45"})
-    wait_until(lambda: any(m["step"] >= 5 for m in jsonl(run / "metrics.jsonl")), what="step 5")
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    traced = {"FTJOB_TRACE_BLOCKS": str(trace)}
+    proc = start(spec, {"FTJOB_FAULTS": "delay_step=0.05,delay_save=45", **traced})
+    wait_until(lambda: any(m["step"] >= 7 for m in jsonl(run / "metrics.jsonl")), what="step 7")
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     took = time.monotonic() - signalled
     assert proc.returncode == errors.PREEMPTED, err[-3000:]
     first_stop = state(run)["step"]
-    assert took >= 45 and (run / "checkpoints" / f"step-{first_stop:08d}" / "COMPLETE.json").exists()
+    assert 7 <= first_stop < 16, "the signal should land inside the first epoch (16 steps)"
+    ckpt = run / "checkpoints" / f"step-{first_stop:08d}"
+    marker = json.loads((ckpt / "COMPLETE.json").read_text())
+    assert took >= 45 and marker["step"] == first_stop and marker["tokens"] > 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == ckpt.name
     assert f"checkpoint step-{first_stop:08d} is complete" in err
     manifest = json.loads((run / "data" / "manifest.json").read_text())
 
@@ -137,17 +112,25 @@ def test_a_run_keeps_its_data_when_the_database_changes_and_a_slow_save_complete
         rows = conn.execute("SELECT * FROM en LIMIT 100").fetchall()
         conn.executemany("INSERT INTO en VALUES (?, ?, ?, ?, ?)", rows)
     conn.close()
-    proc = start(spec, {"FTJOB_FAULTS": "delay_step=0.05"})
-    wait_until(lambda: any(m["step"] >= first_stop + 8 for m in jsonl(run / "metrics.jsonl")), what="more steps")
+    proc = start(spec, {"FTJOB_FAULTS": "delay_step=0.05", **traced})
+    wait_until(lambda: any(m["step"] >= 20 for m in jsonl(run / "metrics.jsonl")), what="step 20")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == errors.PREEMPTED, err[-3000:]
+    assert f"resumed from {ckpt}" in err  # no flag: it resumes by itself
     assert "changed since this run's data was prepared" in err and "keeps its own prepared data" in err
 
     os.utime(db)  # only the modification time changes
-    proc = run_ftjob("run", spec)
+    proc = run_ftjob("run", spec, env=traced)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "changed since this run's data was prepared" in proc.stderr
+    # Same per-step losses, same blocks at every step, as if never interrupted.
+    ref_losses = [(m["step"], m["loss"]) for m in reference["metrics"]]
+    got_losses = [(m["step"], m["loss"]) for m in jsonl(run / "metrics.jsonl")]
+    assert [s for s, _ in got_losses] == [s for s, _ in ref_losses]
+    for (s, a), (_, b) in zip(got_losses, ref_losses):
+        assert abs(a - b) <= 1e-6, f"step {s}: {a} vs {b}"
+    assert {f.name: f.read_text() for f in trace.iterdir()} == reference["trace"]
     after = json.loads((run / "data" / "manifest.json").read_text())
     assert after == manifest  # same split, same shards, same hashes: the run's own snapshot
     assert (after["splits"]["train"]["documents"], after["splits"]["valid"]["documents"]) == (451, 113)

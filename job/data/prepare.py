@@ -116,6 +116,12 @@ def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: flo
              "in %.1fs", counts["rows_read"], counts["rows_dropped"], manifest["splits"]["train"]["documents"],
              manifest["splits"]["valid"]["documents"], manifest["splits"]["train"]["blocks"],
              manifest["splits"]["valid"]["blocks"], spec.data.block_size, manifest["seconds"]["total"])
+    valid = manifest["splits"]["valid"]
+    if valid["documents"] and not valid["blocks"]:
+        # Each shard cuts its own blocks, so a small validation split spread over many shards can make none.
+        log.warning("prepare: warning: the %d validation tokens in %d shards make no block of %d tokens, so the "
+                    "run reports no validation loss and keeps no best model; raise data.valid_fraction or lower "
+                    "data.shards or data.block_size", valid["tokens"], spec.data.shards, spec.data.block_size)
     return manifest
 
 

@@ -181,3 +181,24 @@ def test_a_volume_that_fills_during_a_checkpoint_and_during_the_export(demo_spec
     assert [m["step"] for m in jsonl(run / "metrics.jsonl")][-1] == 8
     assert (run / "final" / "config.json").exists() and partial_files(run) == []
     shutil.rmtree(run)
+
+
+def test_a_volume_too_small_for_the_run_is_refused_before_training(demo_spec, tmp_path):
+    """The plan made before training: data + (keep_checkpoints + 1 + the best) checkpoints + the exports do
+    not fit on a 4 MB volume: exit 2 with the figures, before any worker starts."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    volume = tmp_path / "tiny"
+    volume.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(volume)], check=True)
+    try:
+        spec = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(volume))
+        proc = run_ftjob("run", spec)
+        assert proc.returncode == errors.BAD_INPUT, proc.stderr[-3000:]
+        line = proc.stderr.splitlines()[-1]
+        for words in ("ftjob: error: output_dir:", f"volume {volume}", "NOT ENOUGH SPACE", "4 checkpoints",
+                      "x 2.4 MB", "short by", "keep_checkpoints"):
+            assert words in line, line
+        assert "launching" not in proc.stderr and not (volume / "demo" / "checkpoints").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)

@@ -57,11 +57,13 @@ def test_signals_in_the_first_step_and_in_an_evaluation_and_a_kill_9_inside_a_sa
 
 
 def test_one_writer_per_run_directory_restart_and_the_memory_settings(demo_spec, tmp_path):
-    """Also the run that trains here: ZeRO-0, blocks as long as the model's positions (256), gradient
-    checkpointing, eager attention, TensorBoard files."""
-    spec = spec_for(tmp_path, demo_spec, "locked", train__max_steps=4, train__zero_stage=0, data__block_size=256,
-                    train__micro_batch=2, train__gradient_checkpointing=True, model__attn_implementation="eager",
-                    report__tensorboard=True)
+    """Also the run that trains here: ZeRO-0, a fresh GPT-2 with ruGPT3small's 2048 positions (narrow, so
+    it is quick) trained on blocks of all 2048 tokens, gradient checkpointing, eager attention, TensorBoard."""
+    spec = spec_for(tmp_path, demo_spec, "locked", train__max_steps=4, train__zero_stage=0, data__block_size=2048,
+                    model__from_config={"n_positions": 2048, "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab_size": 512},
+                    train__micro_batch=1, train__grad_accum=1, train__gradient_checkpointing=True,
+                    model__attn_implementation="eager", report__tensorboard=True, data__valid_fraction=0.1,
+                    data__shards=1)
     run = tmp_path / "runs" / "locked"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from job.rundir import RunLock, RunPaths\n"
@@ -77,7 +79,7 @@ def test_one_writer_per_run_directory_restart_and_the_memory_settings(demo_spec,
     assert proc.returncode == 0, proc.stderr[-3000:]
     # what the worker's model really is, as it reports it (HF's own attributes, not the spec)
     assert "eager attention, gradient checkpointing on; fp32, ZeRO-0" in proc.stderr
-    assert json.loads((run / "data" / "manifest.json").read_text())["block_size"] == 256
+    assert json.loads((run / "data" / "manifest.json").read_text())["block_size"] == 2048
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run / "tensorboard"))

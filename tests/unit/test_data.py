@@ -86,6 +86,19 @@ def test_prepare_skips_unchanged_inputs_and_rebuilds_changed_ones(demo_assets, t
     assert (paths.data / changed["splits"]["train"]["shards"][0]["tokens"]).exists()
 
 
+def test_a_validation_split_too_small_for_one_block_is_warned_about(demo_assets, tmp_path, caplog):
+    """~3,900 validation tokens in 4 shards of ~970: no shard holds a block of 2048, so no validation loss."""
+    spec = make_spec(demo_assets, tmp_path, valid_fraction=0.1, shards=4, block_size=2048)
+    caplog.set_level("INFO", logger="ftjob")
+    m = prepare(spec, RunPaths(spec.run_dir))
+    assert m["splits"]["valid"]["blocks"] == 0 and m["splits"]["valid"]["tokens"] > 2048
+    assert f"the {m['splits']['valid']['tokens']} validation tokens in 4 shards make no block" in caplog.text
+    spec = make_spec(demo_assets, tmp_path / "one", valid_fraction=0.1, shards=1, block_size=2048)
+    caplog.clear()
+    assert prepare(spec, RunPaths(spec.run_dir))["splits"]["valid"]["blocks"] == 1
+    assert "validation tokens" not in caplog.text
+
+
 def test_token_dtype_grows_with_the_vocabulary():
     assert token_dtype(50264) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 

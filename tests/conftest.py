@@ -2,10 +2,12 @@
 points at them, and a helper that runs the `ftjob` command exactly as a user would."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,42 @@ def write_spec(path: Path, base: dict, **sections) -> Path:
         node[parts[-1]] = value
     path.write_text(yaml.safe_dump(spec, allow_unicode=True))
     return path
+
+
+# Readers of what a run leaves on the volume, shared by the system tests.
+def jsonl(path: Path) -> list[dict]:
+    """The records of a .jsonl file; none when it does not exist (yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_state(run: Path) -> dict:
+    """state.json of a run directory; {} while it is not written."""
+    try:
+        return json.loads((run / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+def start_ftjob(*args, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(ftjob_command() + [str(a) for a in args], env=dict(os.environ, **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(predicate, timeout: float = 120, what: str = "condition", poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")

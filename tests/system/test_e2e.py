@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_ftjob, write_spec
+from conftest import jsonl, run_ftjob, write_spec
 from job.data.schedule import EpochSchedule
 
 pytestmark = pytest.mark.slow
@@ -30,10 +30,6 @@ def demo_run(demo_assets, tmp_path_factory):
     trace.mkdir()
     proc = run_ftjob("run", path, env={"FTJOB_TRACE_BLOCKS": str(trace)})
     return {"proc": proc, "run": tmp / "runs" / "demo", "spec": path, "trace": trace, "specdict": spec}
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_run_succeeds_and_leaves_every_output(demo_run):

@@ -31,7 +31,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ftjob_command, write_spec
+from conftest import ftjob_command, jsonl, write_spec
 
 pytestmark = [
     pytest.mark.gpu,
@@ -62,12 +62,6 @@ FP16_INITIAL_SCALE = 2.0 ** 16  # job/train/setup.py: initial_scale_power 16
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def state(run: Path) -> dict:

@@ -7,26 +7,15 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ftjob_command, run_ftjob, write_spec
+from conftest import ftjob_command, jsonl, run_ftjob, wait_until, weights, write_spec
 from job import errors
 
 pytestmark = pytest.mark.slow
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def weights(directory: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(directory / "model.safetensors")
 
 
 def test_best_model_is_kept_and_early_stopping_stops_at_the_expected_evaluation(demo_spec, tmp_path):
@@ -109,15 +98,6 @@ def fill(volume: Path) -> Path:
     return filler
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def partial_files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*") if ".tmp" in p.name or ".old-" in p.name)
 
@@ -134,7 +114,7 @@ def run_until_the_volume_fills(spec: Path, run: Path, volume: Path, stage: str, 
         except (OSError, ValueError):
             return False
 
-    wait_for(in_stage, 240, f"the {stage}")
+    wait_until(in_stage, 240, f"the {stage}")
     filler = fill(volume)
     _, err = proc.communicate(timeout=240)
     return proc.returncode, err, filler

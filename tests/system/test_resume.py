@@ -6,47 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ftjob_command, run_ftjob, write_spec
+from conftest import jsonl, run_ftjob, run_state, start_ftjob, wait_until, weights, write_spec
 from job import errors
 
 pytestmark = pytest.mark.slow
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def state(run: Path) -> dict:
-    try:
-        return json.loads((run / "state.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def start(spec: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(ftjob_command() + ["run", str(spec)], env=dict(os.environ, **(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_until(predicate, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def final_weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "final" / "model.safetensors")
 
 
 def resume_spec(tmp: Path, demo_spec: dict, name: str, **extra) -> Path:
@@ -70,7 +38,7 @@ def reference(demo_assets, tmp_path_factory):
     proc = run_ftjob("run", spec, env={"FTJOB_TRACE_BLOCKS": str(trace)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp / "runs" / "ref"
-    return {"metrics": jsonl(run / "metrics.jsonl"), "weights": final_weights(run),
+    return {"metrics": jsonl(run / "metrics.jsonl"), "weights": weights(run / "final"),
             "trace": {f.name: f.read_text() for f in trace.iterdir()}}
 
 
@@ -92,14 +60,14 @@ def test_preempted_twice_while_the_database_changes_resumes_exactly(reference, d
     trace = tmp_path / "trace"
     trace.mkdir()
     traced = {"FTJOB_TRACE_BLOCKS": str(trace)}
-    proc = start(spec, {"FTJOB_FAULTS": "delay_step=0.05,delay_save=45", **traced})
+    proc = start_ftjob("run", spec, env={"FTJOB_FAULTS": "delay_step=0.05,delay_save=45", **traced})
     wait_until(lambda: any(m["step"] >= 7 for m in jsonl(run / "metrics.jsonl")), what="step 7")
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     took = time.monotonic() - signalled
     assert proc.returncode == errors.PREEMPTED, err[-3000:]
-    first_stop = state(run)["step"]
+    first_stop = run_state(run)["step"]
     assert 7 <= first_stop < 16, "the signal should land inside the first epoch (16 steps)"
     ckpt = run / "checkpoints" / f"step-{first_stop:08d}"
     marker = json.loads((ckpt / "COMPLETE.json").read_text())
@@ -112,7 +80,7 @@ def test_preempted_twice_while_the_database_changes_resumes_exactly(reference, d
         rows = conn.execute("SELECT * FROM en LIMIT 100").fetchall()
         conn.executemany("INSERT INTO en VALUES (?, ?, ?, ?, ?)", rows)
     conn.close()
-    proc = start(spec, {"FTJOB_FAULTS": "delay_step=0.05", **traced})
+    proc = start_ftjob("run", spec, env={"FTJOB_FAULTS": "delay_step=0.05", **traced})
     wait_until(lambda: any(m["step"] >= 20 for m in jsonl(run / "metrics.jsonl")), what="step 20")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -134,7 +102,7 @@ def test_preempted_twice_while_the_database_changes_resumes_exactly(reference, d
     after = json.loads((run / "data" / "manifest.json").read_text())
     assert after == manifest  # same split, same shards, same hashes: the run's own snapshot
     assert (after["splits"]["train"]["documents"], after["splits"]["valid"]["documents"]) == (451, 113)
-    got = final_weights(run)
+    got = weights(run / "final")
     worst = max((got[k] - reference["weights"][k]).abs().max().item() for k in got)
     assert worst <= 1e-6, f"final weights differ from the uninterrupted run by {worst}"
 

@@ -14,9 +14,8 @@ import torch
 
 import pytest
 
-from conftest import run_ftjob, write_spec
 from job import errors
-from test_resume import final_weights, jsonl, start, state, wait_until
+from conftest import jsonl, run_ftjob, run_state, start_ftjob, wait_until, weights, write_spec
 
 pytestmark = pytest.mark.slow
 ONE = {"NPROC_PER_NODE": "1"}
@@ -35,8 +34,8 @@ def test_signals_in_the_first_step_and_in_an_evaluation_and_a_kill_9_inside_a_sa
     # Attempt 1: the signal lands inside step 1 (each micro-step is slowed down), stops after it.
     # Attempt 2: it lands during the evaluation at step 3, which finishes; the checkpoint is step 3.
     for faults, where, expected in [("delay_step=1.5", ("train", 0), 1), ("delay_eval=2", ("eval", 3), 3)]:
-        proc = start(spec, {"FTJOB_FAULTS": faults, **ONE})
-        wait_until(lambda: (state(run).get("stage"), state(run).get("step")) == where, what=str(where))
+        proc = start_ftjob("run", spec, env={"FTJOB_FAULTS": faults, **ONE})
+        wait_until(lambda: (run_state(run).get("stage"), run_state(run).get("step")) == where, what=str(where))
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == errors.PREEMPTED, err[-3000:]
@@ -87,12 +86,12 @@ def test_one_writer_per_run_directory_restart_and_the_memory_settings(demo_spec,
     assert {"train/loss", "train/lr", "eval/loss"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
 
-    old_weights = final_weights(run)
+    old_weights = weights(run / "final")
     proc = run_ftjob("run", spec, "--restart", "--set", "train.max_steps=2", env=ONE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     aside = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("locked.old-")]
     assert len(aside) == 1
-    kept = final_weights(aside[0])
+    kept = weights(aside[0] / "final")
     assert all(torch.equal(kept[k], old_weights[k]) for k in kept)
     assert [e["step"] for e in jsonl(run / "eval.jsonl")] == [0, 2]
 
@@ -113,5 +112,5 @@ def test_divergence_rolls_back_once_then_stops_with_a_clear_message(demo_spec, t
     lr = demo_spec["train"]["lr"]
     assert all(m["lr"] == lr for m in metrics[:4]) and all(abs(m["lr"] - lr / 2) < 1e-12 for m in metrics[4:])
     assert all(math.isfinite(m["loss"]) for m in metrics[:-1]) and not math.isfinite(metrics[-1]["loss"])
-    assert state(run)["stage"] == "diverged"
+    assert run_state(run)["stage"] == "diverged"
     assert (run / "report.md").read_text().startswith("# diverge: diverged at step 10 of 12")

@@ -14,17 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ftjob_command, run_ftjob, write_spec
+from conftest import ftjob_command, jsonl, run_ftjob, write_spec
 from job import errors
 from job.data.schedule import EpochSchedule
 
 pytestmark = pytest.mark.slow
 
 STEPS = 24  # 1.5 epochs of the demo's 503 blocks at 32 per step
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def spec_for(tmp: Path, demo_spec: dict, name: str, zero: int) -> Path:

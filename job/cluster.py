@@ -49,9 +49,15 @@ def _env_int(names: tuple[str, ...], default: int) -> int:
     return default
 
 
+# Device nodes a GPU runtime exposes: NVIDIA (bare metal and containers), AMD ROCm, WSL2.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
 def detect_accelerator(spec: JobSpec) -> str:
     if spec.resources.accelerator != "auto":
         return spec.resources.accelerator
+    if not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+        return "cpu"  # no GPU device at all: say so without importing torch (about 2 s)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

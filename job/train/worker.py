@@ -74,6 +74,7 @@ class Trainer:
         self.cuda = torch.cuda.is_available() and r.accelerator != "cpu"
         if not self.cuda:
             _plain_gloo_on_cpu()
+        _no_muon_kernels()
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
                                    timeout=timedelta(seconds=r.collective_timeout_s))
         logs.route_library_loggers()
@@ -398,6 +399,16 @@ def _plain_gloo_on_cpu() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__ = {}
+
+
+def _no_muon_kernels() -> None:
+    """ZeRO-1/2 import DeepSpeed's Muon optimizer at the first gradient reduction, only to ask whether the
+    optimizer is one; that import torch.compiles Muon's kernels, loading torch._inductor (about 2 s of CPU
+    on every rank). ftjob never trains with Muon, so its kernels stay plain functions (DeepSpeed decorates
+    nothing else with `compiler.compile()`; `train.compile` uses the engine's own compile)."""
+    from deepspeed.runtime import compiler
+
+    compiler.compile = lambda: (lambda fn: fn)
 
 
 def _a_peer_stopped(e: Exception) -> bool:

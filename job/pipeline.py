@@ -122,7 +122,8 @@ def _all_stages(spec: JobSpec, paths: RunPaths, node: NodeInfo, restart: bool, v
             report_stage(paths)
             return code
         export_best_stage(spec, paths)
-    generate_stage(spec, paths)
+    if not (paths.samples / "after.jsonl").exists():  # the workers write them as they export final/
+        generate_stage(spec, paths)
     write_state(paths, stage=Stage.DONE)
     report_stage(paths)
     log.info("done: %s", paths.root)

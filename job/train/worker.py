@@ -325,14 +325,17 @@ class Trainer:
                 {"checkpoint": self.checkpointer.last.name, "step": self.step, "loss": record["loss"]}))
         self.barrier()
 
-    def samples(self, name: str):
+    def samples(self, name: str, weights: str = "training run"):
         stage3 = self.spec.train.zero_stage == 3
         if self.rank != 0 and not stage3:
             return
         records = generate_samples(self.engine.module, self.tokenizer, self.spec.generation, self.device,
                                    synced_gpus=stage3 and self.world > 1)
         if self.rank == 0:
-            write_samples(records, self.paths.samples, name, step=self.step, weights="training run")
+            write_samples(records, self.paths.samples, name, step=self.step, weights=weights)
+            if name == "after":
+                for r in records:
+                    log.info("sample (after) %r -> %r", r["prompt"], r["samples"][0])
 
     def save(self) -> None:
         self.state(Stage.CHECKPOINT)
@@ -348,6 +351,9 @@ class Trainer:
         self.state(Stage.EXPORT)
         export_final(self.engine, self.tokenizer, self.paths.final, self.rank, self.spec.train.zero_stage)
         self.state(Stage.TRAINED, stopped_early=self.stopped_early, best=self.evaluator.best)
+        # Samples of the exported weights from the model already in memory: the `ftjob` process would
+        # otherwise load transformers' model code and the weights again (seconds) to say the same.
+        self.samples("after", weights=str(self.paths.final))
 
     def rollback(self, why: str) -> bool:
         """train.on_divergence: rollback reloads the last good checkpoint and continues with the learning

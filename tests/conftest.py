@@ -17,8 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FTJOB_PROGRESS", "log")
-# Two pytest workers share two cores: one thread per process. Torch's default (a thread per core) makes
-# OpenMP threads spin against the other worker's processes: a quarter more CPU time for the same runs.
+# The pytest workers share the machine's cores: one thread per process. Torch's default (a thread per core)
+# makes OpenMP threads spin against the other workers' processes: a quarter more CPU time for the same runs.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

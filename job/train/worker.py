@@ -353,7 +353,8 @@ class Trainer:
         self.state(Stage.TRAINED, stopped_early=self.stopped_early, best=self.evaluator.best)
         # Samples of the exported weights from the model already in memory: the `ftjob` process would
         # otherwise load transformers' model code and the weights again (seconds) to say the same.
-        self.samples("after", weights=str(self.paths.final))
+        held = "" if self.precision == "fp32" else f" (sampled from the training copy in {self.precision})"
+        self.samples("after", weights=f"{self.paths.final}{held}")
 
     def rollback(self, why: str) -> bool:
         """train.on_divergence: rollback reloads the last good checkpoint and continues with the learning

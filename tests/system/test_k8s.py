@@ -899,9 +899,9 @@ def _run_manifest_locally(objects, tmp_path, request, env_overrides: dict[str, s
 @pytest.mark.slow
 def test_single_node_manifest_waits_for_its_database(tmp_path, request):
     """The Job's args and env, as the container would get them, against an inputs claim whose
-    database is copied only 4 s after the pod started: ftjob waits for it, then runs to a finished
+    database is copied only 10 s after the pod started: ftjob waits for it, then runs to a finished
     final/ (before --wait-for-inputs: exit 2 and a failed Job on the first apply)."""
-    _run_manifest_locally(render("base"), tmp_path, request, {}, database_after_s=4)
+    _run_manifest_locally(render("base"), tmp_path, request, {}, database_after_s=10)
 
 
 @pytest.mark.parametrize("index", [0, 1])

@@ -26,7 +26,7 @@ demo: install demo-assets/tiny-gpt2/config.json
 	@echo "Look at runs/demo/report.md, runs/demo/samples/after.md and runs/demo/final/"
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf runs demo-assets

@@ -111,11 +111,13 @@ def demo_spec(demo_assets) -> dict:
     return yaml.safe_load(demo_assets.spec.read_text())
 
 
-# The longest files first: with two workers taking whole files (--dist loadfile), a long file started last
-# would run alone at the end. Seconds on the 2-core CI machine, measured; unlisted files are short.
-LONG_FILES = {"test_world_size.py": 220, "test_resume.py": 190, "test_stops.py": 250, "test_slurm.py": 170,
-              "test_multinode.py": 155, "test_integrity.py": 150, "test_e2e.py": 120, "test_k8s.py": 60,
-              "test_plan_real.py": 60, "test_bench.py": 40}
+# The longest files first: with workers taking whole files (--dist loadfile), a long file started last
+# runs alone at the end. Seconds each file took with three workers on 2 cores, measured; unlisted files
+# are short. (`make test` passes --no-loadscope-reorder: xdist would otherwise order files by their number
+# of tests, which put the two longest files, of one and two tests, last.)
+LONG_FILES = {"test_world_size.py": 265, "test_stops.py": 240, "test_resume.py": 212, "test_integrity.py": 200,
+              "test_slurm.py": 150, "test_e2e.py": 150, "test_multinode.py": 122, "test_plan_real.py": 85,
+              "test_k8s.py": 70, "test_bench.py": 35}
 
 
 def pytest_collection_modifyitems(items):

@@ -3,6 +3,7 @@ stopping, and a full volume during a checkpoint and during the export. Two CPU w
 DeepSpeed launcher; the full volume is a real 12 MB tmpfs (mounted as root, skipped otherwise)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,17 +74,23 @@ def test_best_model_is_kept_and_early_stopping_stops_at_the_expected_evaluation(
 # ------------------------------------------------------------------ a full volume
 
 
-@pytest.fixture
-def small_volume(tmp_path):
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str):
+    """A real volume of `size` that fills up (as root; skipped otherwise), unmounted afterwards."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "volume"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12M", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    with tmpfs(tmp_path / "volume", "12M") as mount:
+        yield mount
 
 
 def fill(volume: Path) -> Path:
@@ -166,12 +173,7 @@ def test_a_volume_that_fills_during_a_checkpoint_and_during_the_export(demo_spec
 def test_a_volume_too_small_for_the_run_is_refused_before_training(demo_spec, tmp_path):
     """The plan made before training: data + (keep_checkpoints + 1 + the best) checkpoints + the exports do
     not fit on a 4 MB volume: exit 2 with the figures, before any worker starts."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    volume = tmp_path / "tiny"
-    volume.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(volume)], check=True)
-    try:
+    with tmpfs(tmp_path / "tiny", "4M") as volume:
         spec = write_spec(tmp_path / "spec.yaml", demo_spec, output_dir=str(volume))
         proc = run_ftjob("run", spec)
         assert proc.returncode == errors.BAD_INPUT, proc.stderr[-3000:]
@@ -180,5 +182,3 @@ def test_a_volume_too_small_for_the_run_is_refused_before_training(demo_spec, tm
                       "x 2.4 MB", "short by", "keep_checkpoints"):
             assert words in line, line
         assert "launching" not in proc.stderr and not (volume / "demo" / "checkpoints").exists()
-    finally:
-        subprocess.run(["umount", "-l", str(volume)], check=False)

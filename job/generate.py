@@ -50,6 +50,12 @@ def write_samples(records: list[dict], directory: Path, name: str, **meta) -> Pa
     return path
 
 
+def log_samples(records: list[dict], name: str) -> None:
+    """The first sample of each prompt, one line each, for the console and the run's log."""
+    for r in records:
+        log.info("sample (%s) %r -> %r", name, r["prompt"], r["samples"][0])
+
+
 def samples_from_directory(model_dir: Path, gen: GenerationSpec, device: str | None = None) -> list[dict]:
     """Load a Hugging Face directory with plain transformers and sample from it."""
     import torch

@@ -647,7 +647,7 @@ def export_best_stage(spec: JobSpec, paths: RunPaths) -> None:
 
 
 def generate_stage(spec: JobSpec, paths: RunPaths, model_dir: Path | None = None, name: str = "after") -> Path:
-    from .generate import samples_from_directory, write_samples
+    from .generate import log_samples, samples_from_directory, write_samples
 
     model_dir = model_dir or paths.final
     if not (model_dir / "config.json").exists():
@@ -656,8 +656,7 @@ def generate_stage(spec: JobSpec, paths: RunPaths, model_dir: Path | None = None
     records = samples_from_directory(model_dir, spec.generation)
     with writing(paths.samples, f"samples/{name}", paths):
         path = write_samples(records, paths.samples, name, weights=str(model_dir))
-    for r in records:
-        log.info("sample (%s) %r -> %r", name, r["prompt"], r["samples"][0])
+    log_samples(records, name)
     return path
 
 

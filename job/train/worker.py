@@ -26,7 +26,7 @@ from .. import spec as spec_lib
 from ..data.prepare import open_split
 from ..data.schedule import EpochSchedule
 from ..data.shards import BlockStore
-from ..generate import generate_samples, write_samples
+from ..generate import generate_samples, log_samples, write_samples
 from ..progress import Progress
 from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, newest_complete, read_manifest,
                       truncate_jsonl, write_state, append_jsonl)
@@ -334,8 +334,7 @@ class Trainer:
         if self.rank == 0:
             write_samples(records, self.paths.samples, name, step=self.step, weights=weights)
             if name == "after":
-                for r in records:
-                    log.info("sample (after) %r -> %r", r["prompt"], r["samples"][0])
+                log_samples(records, name)
 
     def save(self) -> None:
         self.state(Stage.CHECKPOINT)

@@ -134,7 +134,7 @@ def plan(spec_file: str, overrides: list[str], gpus: int | None = None, gpu_memo
          tokens_per_s: float | None = None, as_json: bool = False) -> int:
     """What the run will need, before it is submitted; writes nothing. Exit 2 when something will not fit."""
     spec = _load(spec_file, overrides)
-    preflight(spec)
+    preflight(spec, weights=False)
     estimate = make_plan(spec, gpus=gpus, gpu_memory_gib=gpu_memory_gib, tokens_per_s=tokens_per_s)
     print(estimate.to_json() if as_json else estimate.to_text(), end="")
     problems = [f for f in estimate.findings if f.severity == "error"]
@@ -144,19 +144,28 @@ def plan(spec_file: str, overrides: list[str], gpus: int | None = None, gpu_memo
 
 
 def make_plan(spec: JobSpec, manifest: dict | None = None, node: NodeInfo | None = None, **figures):
-    """The plan for this spec: from the run's data manifest when there is one, else from a sample of rows."""
+    """The plan for this spec: from the run's data manifest when there is one, else from a sample of rows.
+    The model is described from its config alone (built on the meta device: no weights are read)."""
+    from . import architecture
     from . import plan as plan_lib
-    from .data.prepare import tokenizer_for
+    from .data.prepare import resolve_join, tokenizer_for
 
     paths = RunPaths(spec.run_dir)
     manifest = manifest or read_manifest(paths)
     name, tok = tokenizer_for(spec)
-    data = None if manifest else plan_lib.estimate_data_from_sample(spec.data, tok)
+    data = None if manifest else plan_lib.estimate_data_from_sample(spec.data, tok, resolve_join(spec, tok))
     tokenizer_bytes = sum(f.stat().st_size for f in pretrained.resolve_model_dir(name).glob("*")
                           if f.is_file() and ("token" in f.name or f.name in ("vocab.json", "merges.txt")))
     if node is not None:
         figures.update(world=node.world_size, accelerator=node.accelerator)
-    return plan_lib.make_plan(pretrained.model_config(spec.model), spec, manifest, data=data,
+    config = pretrained.training_config(spec.model, tok, spec.train.dropout)
+    logs.route_library_loggers()  # transformers is imported by now: its notices go to the log, not the console
+
+    def activations(precision: str, device: str) -> dict:
+        return architecture.trace_activations(config, spec.train.micro_batch, spec.data.block_size, precision,
+                                              device, spec.model.attn_implementation)
+
+    return plan_lib.make_plan(architecture.describe(config), spec, manifest, activations=activations, data=data,
                               free_bytes=plan_lib.free_bytes_at(spec.output_dir), present_bytes=plan_lib.dir_bytes(paths.root),
                               tokenizer_bytes=tokenizer_bytes, tokenizer_vocab=len(tok), **figures)
 
@@ -176,6 +185,9 @@ def plan_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> None:
                              "peak_rss_mib": chosen.peak_bytes / 2**20 if estimate.device == "cpu" else None},
                "plan": estimate.to_dict()}
     atomic_write(paths.plan, json.dumps(summary, indent=1))
+    for finding in estimate.findings:
+        if finding.code == "fp16_overflow":
+            log.warning("%s", finding.message)
     volume = estimate.volume
     if volume.ok is False:
         raise BadInput(f"output_dir: {describe_volume(paths.root)}: {volume.message}")
@@ -198,9 +210,7 @@ def export(spec_file: str, overrides: list[str], checkpoint: Path | None = None,
     if ckpt is None:
         raise BadInput(f"no complete checkpoint to export in {paths.checkpoints}")
     step = json.loads((ckpt / "COMPLETE.json").read_text())["step"] if (ckpt / "COMPLETE.json").exists() else 0
-    manifest = read_manifest(paths) or {"tokenizer": {"vocab_size": None}}
-    print(export_checkpoint(ckpt, out or paths.root / f"export-step-{step:08d}", spec,
-                            manifest["tokenizer"]["vocab_size"]))
+    print(export_checkpoint(ckpt, out or paths.root / f"export-step-{step:08d}", spec))
     return errors.OK
 
 
@@ -237,9 +247,10 @@ def _load(spec_file, overrides: list[str]) -> JobSpec:
 # ================================================================== validate
 
 
-def preflight(spec: JobSpec, node: NodeInfo | None = None) -> dict:
-    """Every check that can fail before anything is written; returns a few facts for the summary."""
-    from .data.prepare import text_source
+def preflight(spec: JobSpec, node: NodeInfo | None = None, weights: bool = True) -> dict:
+    """Every check that can fail before anything is written; returns a few facts for the summary.
+    weights=False (`ftjob plan`): the config and tokenizer are enough, the weights need not be there."""
+    from .data.prepare import document_boundaries, resolve_join, text_source
     from .data.sqlite_source import check_rows, check_source
 
     _check_output_dir(Path(spec.output_dir))
@@ -248,7 +259,8 @@ def preflight(spec: JobSpec, node: NodeInfo | None = None) -> dict:
     tok = pretrained.load_tokenizer(spec.model.tokenizer or spec.model.path,
                                     "model.tokenizer" if spec.model.tokenizer else "model.path")
     config = pretrained.model_config(spec.model)
-    pretrained.check_weights(spec.model)
+    if weights:
+        pretrained.check_weights(spec.model)
     positions = pretrained.max_positions(config)
     if positions and spec.data.block_size > positions:
         raise errors.SpecError("data.block_size", f"{spec.data.block_size} is larger than the model's "
@@ -256,8 +268,7 @@ def preflight(spec: JobSpec, node: NodeInfo | None = None) -> dict:
     if spec.model.from_config is None and len(tok) > config.vocab_size:
         raise BadInput(f"model.tokenizer: the tokenizer has {len(tok)} tokens but the model's vocabulary has "
                        f"{config.vocab_size}; use the model's own tokenizer")
-    if spec.data.join == "eos" and tok.eos_token_id is None:
-        raise BadInput("data.join: eos, but the tokenizer has no end-of-text token; use data.join: newline")
+    document_boundaries(tok, resolve_join(spec, tok))  # a join the tokenizer has no token for
     if spec.generation.max_length > (positions or spec.generation.max_length):
         raise errors.SpecError("generation.max_length", f"is larger than the model's {positions} positions")
     if spec.model.attn_implementation == "flash_attention_2" and not _importable("flash_attn"):
@@ -449,7 +460,7 @@ def check_pinned_data(spec: JobSpec, paths: RunPaths, manifest: dict) -> None:
     if not complete_checkpoints(paths.checkpoints):
         return
     _, tok = tokenizer_for(spec)
-    settings = data_settings(spec, pretrained.tokenizer_fingerprint(tok))
+    settings = data_settings(spec, tok)
     changed = changed_settings(manifest, settings)
     if changed:
         key = changed[0]
@@ -640,8 +651,7 @@ def export_best_stage(spec: JobSpec, paths: RunPaths) -> None:
                     except OSError:
                         shutil.copy2(f, tmp / f.name)
         else:
-            manifest = read_manifest(paths)
-            export_checkpoint(ckpt, paths.best, spec, manifest["tokenizer"]["vocab_size"], replace=True)
+            export_checkpoint(ckpt, paths.best, spec, replace=True)
     atomic_write(paths.best / "ftjob-best.json", json.dumps(best))
     log.info("best model: step %d, validation loss %.4f -> %s", best["step"], best["loss"], paths.best)
 

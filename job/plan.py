@@ -9,9 +9,15 @@ nor DeepSpeed. Each figure says whether it is exact or an estimate:
   what DeepSpeed 0.19 builds for the job's optimizers (read in deepspeed/runtime/engine.py
   `_do_optimizer_sanity_check` / `_configure_*_optimizer`, fp16/unfused_optimizer.py,
   zero/stage_1_and_2.py, zero/stage3.py) and are checked against counted tensors in tests/unit/test_plan.py.
-- estimates: activations on a GPU (derived from what HF GPT-2's autograd graph saves, which is checked
-  exactly on CPU), the logits and communication buffers, the CUDA context, checkpoint and export sizes
-  (within a few percent of real ones), and every time figure.
+- traced: activations, the tensors autograd saves in one forward of the model itself, run on the meta
+  device at the run's micro-batch, block and precision (job/architecture.py trace_activations: equal to
+  the real CPU graph for most families, within a hidden-size tensor per layer for the rest, checked in
+  tests/unit/test_families.py; on a GPU, attention as the fused kernels save it).
+- estimates: the logits and communication buffers, the CUDA context, offloaded host memory, checkpoint and
+  export sizes (within a few percent of real ones), and every time figure.
+
+The model comes in as a job.architecture.Architecture (plain values: its parameters' shapes from the model
+built on the meta device), so nothing here depends on a model family.
 
 What DeepSpeed gives the optimizer to work on (this decides the optimizer state, Adafactor's most of all):
 
@@ -37,18 +43,25 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
+
+if TYPE_CHECKING:
+    from .architecture import Architecture
 
 GiB = 2**30
 MiB = 2**20
 
 # ------------------------------------------------------------------ reference figures and assumptions
 
-RUGPT3SMALL = dict(vocab_size=50264, n_positions=2048, n_embd=768, n_layer=12, n_head=12)
+RUGPT3SMALL = dict(model_type="gpt2", vocab_size=50264, n_positions=2048, n_embd=768, n_layer=12, n_head=12)
 # Reference throughputs: measured on one H100 80GB with a random-init ruGPT3small shape (125M parameters),
 # block 64, synthetic tokens. They are NOT ftjob measurements; a plan scales them by FLOPs per token.
 REFERENCE_BLOCK = 64
 REFERENCE_TOKENS_PER_S = {"deepspeed_zero1_fp16": 156_000.0, "hf_trainer_original": 65_000.0}
+# Training FLOPs per token of that reference shape at its block (Architecture.flops_per_token): 6 x its
+# 123,658,752 parameters in matrix products (125,231,616 less the 2,048 x 768 learned positions) + 12 x 12
+# layers x 768 x 64.
+REFERENCE_FLOPS_PER_TOKEN = 6 * (125_231_616 - 2048 * 768) + 12 * 12 * 768 * REFERENCE_BLOCK
 REFERENCE_LABEL = ("reference, not an ftjob measurement: DeepSpeed ZeRO-1 fp16 on one H100 80GB, "
                    "125M GPT-2 shape, block 64: 156K tokens/s (HF Trainer, the original settings: 65K)")
 # One complete checkpoint of the 125M shape (ZeRO-1, AdamW, 2.0 GB) written with its sha256 and fsync in
@@ -91,106 +104,12 @@ DS_RECOVERY_SCRIPTS_BYTES = 38_580 + 2_490  # zero_to_fp32.py + zero_to_torch.py
 TOKENIZER_BYTES_PER_TOKEN = 60  # tokenizer.json + vocab.json + merges.txt of a byte-level BPE, about
 OTHER_RUN_FILES_BYTES = 2 * MiB  # report, loss.png, state, samples, logs (metrics lines added below)
 
-# Rule for the fp16 overflow warning (config flags, not a list of model names): warn when the run is fp16
-# and the checkpoint was saved in bfloat16 (trained where fp16's 65504 range was never enforced), or its
-# config sets one of GPT-2's flags that exist because fp16 attention overflowed in deep GPT-2 runs.
-FP16_OVERFLOW_FLAGS = ("reorder_and_upcast_attn", "scale_attn_by_inverse_layer_idx")
-
-# Autograd tensors of the inner (4 x n_embd) size that the MLP activation saves for backward, besides
-# the c_proj input. gelu_new is HF's Python formula 0.5*x*(1+tanh(...)): x, tanh, 1+tanh and 0.5*x.
-ACTIVATION_SAVED = {"gelu_new": 4, "gelu_fast": 4, "gelu": 1, "gelu_pytorch_tanh": 1, "relu": 1, "silu": 1,
-                    "swish": 1, "quick_gelu": 2}
-
-
 def _bytes_of(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-# ------------------------------------------------------------------ the model
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The GPT-2 shape a plan needs; from a transformers GPT2Config or a plain dict."""
-
-    vocab_size: int
-    n_positions: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_inner: Optional[int] = None
-    activation: str = "gelu_new"
-    tie_word_embeddings: bool = True
-    resid_pdrop: float = 0.1
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    dtype: Optional[str] = None  # the checkpoint's saved dtype (config torch_dtype / dtype), if stated
-    fp16_flags: tuple[str, ...] = ()  # set members of FP16_OVERFLOW_FLAGS
-
-    @classmethod
-    def from_config(cls, config: Any, vocab_size: int | None = None, dropout: float | None = None) -> "ModelShape":
-        """`vocab_size` overrides the config's (the job grows a from_config model's vocabulary to the
-        tokenizer's); `dropout` is train.dropout (it replaces all three dropout rates, as the job does)."""
-        if not isinstance(config, dict):
-            config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
-
-        def get(*names, default=None):
-            for n in names:
-                if config.get(n) is not None:
-                    return config[n]
-            return default
-
-        dtype = get("torch_dtype", "dtype")
-        drop = {k: float(dropout if dropout is not None else get(k, default=0.1))
-                for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-        return cls(vocab_size=int(vocab_size or get("vocab_size")),
-                   n_positions=int(get("n_positions", "max_position_embeddings")),
-                   n_embd=int(get("n_embd", "hidden_size")), n_layer=int(get("n_layer", "num_hidden_layers")),
-                   n_head=int(get("n_head", "num_attention_heads")), n_inner=get("n_inner"),
-                   activation=str(get("activation_function", default="gelu_new")),
-                   tie_word_embeddings=bool(get("tie_word_embeddings", default=True)),
-                   dtype=str(dtype).replace("torch.", "") if dtype is not None else None,
-                   fp16_flags=tuple(f for f in FP16_OVERFLOW_FLAGS if config.get(f)), **drop)
-
-    @property
-    def inner(self) -> int:
-        return int(self.n_inner or 4 * self.n_embd)
-
-    def parameter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Every trainable tensor of GPT2LMHeadModel, as model.parameters() yields them (tied lm_head once)."""
-        h, i = self.n_embd, self.inner
-        out = [("transformer.wte.weight", (self.vocab_size, h)), ("transformer.wpe.weight", (self.n_positions, h))]
-        for n in range(self.n_layer):
-            p = f"transformer.h.{n}."
-            out += [(p + "ln_1.weight", (h,)), (p + "ln_1.bias", (h,)),
-                    (p + "attn.c_attn.weight", (h, 3 * h)), (p + "attn.c_attn.bias", (3 * h,)),
-                    (p + "attn.c_proj.weight", (h, h)), (p + "attn.c_proj.bias", (h,)),
-                    (p + "ln_2.weight", (h,)), (p + "ln_2.bias", (h,)),
-                    (p + "mlp.c_fc.weight", (h, i)), (p + "mlp.c_fc.bias", (i,)),
-                    (p + "mlp.c_proj.weight", (i, h)), (p + "mlp.c_proj.bias", (h,))]
-        out += [("transformer.ln_f.weight", (h,)), ("transformer.ln_f.bias", (h,))]
-        if not self.tie_word_embeddings:
-            out.append(("lm_head.weight", (self.vocab_size, h)))
-        return out
-
-    def numels(self) -> list[int]:
-        return [math.prod(s) for _, s in self.parameter_shapes()]
-
-    @property
-    def n_params(self) -> int:
-        return sum(self.numels())
-
-    def flops_per_token(self, block_size: int) -> float:
-        """Training FLOPs per token: 6N + 12 L d T (PaLM appendix B; what the worker's MFU uses)."""
-        return 6 * self.n_params + 12 * self.n_layer * self.n_embd * block_size
-
-    def describe(self) -> str:
-        return (f"GPT-2, {self.n_layer} layers x {self.n_embd}, {self.n_head} heads, vocab {self.vocab_size:,}, "
-                f"{self.n_positions:,} positions: {self.n_params:,} parameters")
 
 
 # ------------------------------------------------------------------ steps (the worker's schedule)
@@ -331,11 +250,13 @@ def data_from_manifest(manifest: dict) -> DataFigures:
                        {k: int(splits[k].get("blocks", 0)) for k in ("train", "valid")}, text, tokens)
 
 
-def estimate_data_from_sample(data_spec, tokenizer, sample_rows: int = 2000, seed: int = 0) -> DataFigures:
+def estimate_data_from_sample(data_spec, tokenizer, join: str = "newline", sample_rows: int = 2000,
+                              seed: int = 0) -> DataFigures:
     """Figures for a spec whose data is not prepared yet, from a random sample of its SQLite rows.
 
     `data_spec` is spec.data (database, table, text_column or query, limit, valid_fraction, block_size,
-    shards, join); `tokenizer` a Hugging Face fast tokenizer. Rows are counted exactly; documents, tokens and
+    shards); `join` data.join resolved (auto is the family's: job.data.prepare.resolve_join); `tokenizer` a
+    Hugging Face fast tokenizer. Rows are counted exactly; documents, tokens and
     blocks are sample means times that count. A table is sampled by random rowids within the rows a run
     reads; a query by its first `sample_rows` rows (biased if its order matters; said in `error`).
     The error is 2 standard errors of the token total (usable-row fraction and tokens per document)."""
@@ -367,7 +288,7 @@ def estimate_data_from_sample(data_spec, tokenizer, sample_rows: int = 2000, see
         return DataFigures(f"estimate from {n} sampled rows", d.block_size, rows, {"train": 0, "valid": 0},
                            {"train": 0, "valid": 0}, {"train": 0, "valid": 0}, 0, 0,
                            f"no usable text in {how}", 1.0)
-    sep = 1 if d.join == "eos" else len(tokenizer("\n", add_special_tokens=False)["input_ids"])
+    sep = {"eos": 1, "bos_eos": 2}.get(join) or len(tokenizer("\n", add_special_tokens=False)["input_ids"])
     lengths = [len(ids) + sep for ids in tokenizer(usable, add_special_tokens=False)["input_ids"]]
     text_lines = [len(json.dumps({"text": t}, ensure_ascii=False).encode()) + 1 for t in usable]
     p = len(usable) / n
@@ -465,12 +386,12 @@ def zero_partition(n_elements: int, world: int) -> int:
     return _ceil_div(n_elements, align) * align // world
 
 
-def state_bytes(shape: ModelShape, precision: str, zero_stage: int, optimizer: str, world: int) -> StateBytes:
+def state_bytes(arch: Architecture, precision: str, zero_stage: int, optimizer: str, world: int) -> StateBytes:
     e = _bytes_of(precision)
-    numels = shape.numels()
+    numels = arch.numels()
     n = sum(numels)
     if zero_stage == 0:
-        seen = [s for _, s in shape.parameter_shapes()]
+        seen = [s for _, s in arch.parameters]
         return StateBytes(0, precision, optimizer, world, e * n, 0 if e == 4 else 4 * n, e * n,
                           optimizer_state_bytes(optimizer, seen),
                           "the model's own tensors" if e == 4 else "an fp32 copy of each tensor (same shapes)",
@@ -491,67 +412,30 @@ def state_bytes(shape: ModelShape, precision: str, zero_stage: int, optimizer: s
                       False if optimizer == "adafactor" else None, False, part, groups)
 
 
-# ------------------------------------------------------------------ activations (per micro-batch)
+# ------------------------------------------------------------------ activations and logits (per micro-batch)
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, block_size: int, precision: str, device: str = "cuda",
-                     gradient_checkpointing: bool = False, attention: str = "sdpa") -> int:
-    """Bytes autograd saves for backward in one forward of HF GPT2LMHeadModel (SDPA attention), logits aside.
-
-    Per layer and token, with h = n_embd, i = the MLP width, a = heads, e = bytes per element:
-      layer norms: 2 x (h e + 8)                          (input; fp32 mean and rstd)
-      c_attn and c_fc inputs: 2 h e
-      attention, CUDA (flash / memory-efficient SDPA): q, k, v views of the c_attn output 3 h e, output h e
-        (also c_proj's input), log-sum-exp 4 a; nothing of size T x T
-      attention, CPU with attention dropout: the math path, q, k, v copies 3 h e, softmax, dropout mask and
-        dropped probabilities 3 a T e, merged heads h e;  CPU without: as CUDA plus 2 h e of copies
-      MLP: (activation tensors + c_proj input) x i e  (gelu_new saves 4 + 1, F.gelu-based ones 1 + 1)
-      dropout masks (resid_pdrop > 0): 2 h, bool on CUDA (1 B), the model dtype on CPU
-    Per token once: input ids and shifted labels 16, embedding dropout mask h (or h e), ln_f 2 h e + 8;
-    per micro-batch: position ids 8 T and the loss scalar 4. With the standard 34 s b h of Korthikanti et
-    al. (2022) for comparison: this is that formula's attention part without s^2 (SDPA) and HF's Python gelu_new.
-    On CPU this equals the saved tensors counted in tests/unit/test_plan.py exactly; on CUDA it is derived
-    from the same graph (not measured: no GPU was available). attention="flash_attention_2" counts as CUDA
-    SDPA; "eager" (model.attn_implementation) stores T x T: softmax output a T e, and with attention dropout
-    its mask (a T, bool on CUDA) and output a T e, besides q, k, v 3 h e and the merged heads h e.
-
-    gradient_checkpointing (HF, per GPT2Block): each block keeps only its input (h e per token), and one
-    block's activations are rebuilt at a time during backward."""
-    h, i, a, L, T = shape.n_embd, shape.inner, shape.n_head, shape.n_layer, block_size
-    e = _bytes_of(precision)
-    tokens = micro_batch * block_size
-    cuda = device != "cpu"
-    mask = 1 if cuda else e
-    layer = 2 * (h * e + 8) + 2 * h * e
-    if attention == "eager":
-        layer += 4 * h * e + a * T * e + (a * T * (mask + e) if shape.attn_pdrop > 0 else 0)
-    elif cuda:
-        layer += 4 * h * e + 4 * a
-    elif shape.attn_pdrop > 0:
-        layer += 3 * h * e + 3 * a * T * e + h * e
-    else:
-        layer += 6 * h * e + 4 * a
-    layer += (ACTIVATION_SAVED.get(shape.activation, 4) + 1) * i * e
-    if shape.resid_pdrop > 0:
-        layer += 2 * h * mask
-    once = 16 + (h * mask if shape.embd_pdrop > 0 else 0) + 2 * h * e + 8
-    per_batch = 8 * T + 4
-    if gradient_checkpointing:
-        return tokens * (L * h * e + layer + once) + per_batch
-    return tokens * (L * layer + once) + per_batch
+def activation_bytes(activations: dict, gradient_checkpointing: bool = False) -> Optional[int]:
+    """From job.architecture.trace_activations' figures for the run's micro-batch, block and precision:
+    what autograd saves in one forward (the loss's vocabulary-sized tensors aside), or with gradient
+    checkpointing each layer's input plus one layer rebuilt in backward. None when it could not be traced."""
+    return activations.get("checkpointed" if gradient_checkpointing else "bytes")
 
 
-def logits_bytes(shape: ModelShape, micro_batch: int, block_size: int, precision: str) -> dict[str, int]:
+def logits_bytes(arch: Architecture, micro_batch: int, block_size: int, precision: str) -> dict[str, int]:
     """The vocabulary-sized buffers of one micro-batch (t = micro_batch x block tokens, V = vocab):
     forward: logits in the model dtype (e V t), HF's fp32 upcast for the loss (4 V t; the same tensor in
     fp32) and the log-softmax cross_entropy saves (4 V t); backward: nll_loss's gradient (4 V t), the saved
     log-softmax and log_softmax's input gradient (4 V t) at once: 12 V t, the peak."""
-    t, v, e = micro_batch * block_size, shape.vocab_size, _bytes_of(precision)
+    t, v, e = micro_batch * block_size, arch.vocab_size, _bytes_of(precision)
     forward = t * v * (e + (4 if e < 4 else 0) + 4)
     return {"saved": 4 * t * v, "forward_peak": forward, "peak": max(forward, 12 * t * v)}
 
 
 # ------------------------------------------------------------------ memory per device
+
+
+OFFLOADS = ("none", "optimizer", "all")  # train.offload: what DeepSpeed keeps in host memory
 
 
 @dataclass
@@ -576,6 +460,8 @@ class MemoryPlan:
     peak_bytes: int
     limit_bytes: Optional[int]
     state: StateBytes = field(repr=False)
+    offload: str = "none"
+    host_bytes: int = 0  # per process, in host memory (offloaded optimizer, master, parameters)
 
     @property
     def fits(self) -> Optional[bool]:
@@ -583,6 +469,10 @@ class MemoryPlan:
 
     def item(self, name: str) -> int:
         return next((x.bytes for x in self.items if x.name == name), 0)
+
+    @property
+    def label(self) -> str:
+        return f"{self.zero_stage}" + ({"none": "", "optimizer": " +offload opt", "all": " +offload all"}[self.offload])
 
     @property
     def verdict(self) -> str:
@@ -593,27 +483,42 @@ class MemoryPlan:
             f"DOES NOT FIT ({_gib(self.peak_bytes)} > {_gib(self.limit_bytes)})"
 
 
-def memory_plan(shape: ModelShape, *, precision: str, zero_stage: int, optimizer: str, world: int,
-                micro_batch: int, block_size: int, grad_accum: int = 1, device: str = "cuda",
+def memory_plan(arch: Architecture, activations: dict, *, precision: str, zero_stage: int, optimizer: str,
+                world: int, micro_batch: int, block_size: int, grad_accum: int = 1, device: str = "cuda",
                 limit_bytes: int | None = 80 * GiB, gradient_checkpointing: bool = False,
-                attention: str = "sdpa") -> MemoryPlan:
+                offload: str = "none") -> MemoryPlan:
     """Peak bytes per device (per process on CPU) of one training process:
-    parameters + master + gradients + optimizer states (held all run)
+    parameters + master + gradients + optimizer states (held all run, less what is offloaded)
       + the larger of the backward phase (activations + logits + gradient buffers) and the optimizer-step
         phase (fp32 gradient copies, optimizer temporaries)
       + overhead (GPU: CUDA context and workspaces + 10% fragmentation on what comes and goes; CPU: the
-        measured process baseline)."""
-    st = state_bytes(shape, precision, zero_stage, optimizer, world)
+        measured process baseline).
+    offload (DeepSpeed ZeRO-Offload, ZeRO 1-3): "optimizer" keeps the fp32 master, the optimizer states and
+    an fp32 gradient partition in host memory and steps there; "all" (ZeRO 3) the 16-bit parameter
+    partition too. On a CPU run host and device are the same memory: the peak includes them."""
+    st = state_bytes(arch, precision, zero_stage, optimizer, world)
     e = _bytes_of(precision)
-    n = shape.n_params
+    n = arch.n_params
     cuda = device != "cpu"
-    items = [MemoryItem("parameters", st.parameters, st.parameters_exact,
+    host = 0
+    host_why = []
+    if offload != "none":
+        host += st.master + st.optimizer_states + 4 * st.partition
+        host_why.append("fp32 master, optimizer states, fp32 gradient partition")
+    if offload == "all":
+        host += st.parameters
+        host_why.append(f"{e} B parameter partition")
+    on_device = {"parameters": 0 if offload == "all" else st.parameters,
+                 "master weights": 0 if offload != "none" else st.master,
+                 "optimizer states": 0 if offload != "none" else st.optimizer_states}
+    items = [MemoryItem("parameters", on_device["parameters"], st.parameters_exact,
                         f"{e} B x " + ("partition + small tensors kept whole" if zero_stage == 3 else "all")),
-             MemoryItem("master weights", st.master, True, "fp32" if st.master else "none"),
+             MemoryItem("master weights", on_device["master weights"], True, "fp32" if st.master else "none"),
              MemoryItem("gradients", st.gradients, True, "held after backward"),
-             MemoryItem("optimizer states", st.optimizer_states, True, f"{optimizer}; updates {st.optimizer_sees}")]
-    act = activation_bytes(shape, micro_batch, block_size, precision, device, gradient_checkpointing, attention)
-    logit = logits_bytes(shape, micro_batch, block_size, precision)["peak"]
+             MemoryItem("optimizer states", on_device["optimizer states"], True,
+                        f"{optimizer}; updates {st.optimizer_sees}")]
+    act = activation_bytes(activations, gradient_checkpointing)
+    logit = logits_bytes(arch, micro_batch, block_size, precision)["peak"]
     # gradient buffers that exist only during backward
     grad_buf, why = 0, []
     if zero_stage == 1:
@@ -623,24 +528,24 @@ def memory_plan(shape: ModelShape, *, precision: str, zero_stage: int, optimizer
         bucket = DS_REDUCE_BUCKET_ELEMENTS if cuda else min(DS_REDUCE_BUCKET_ELEMENTS, st.partition * world)
         grad_buf += e * bucket
         why.append(f"reduce bucket {bucket:,} elements" + ("" if cuda else " (CPU: only the written pages)"))
-    # the optimizer step
-    step, step_why = 0, []
-    if e < 4:
-        fp32_grads = 4 * (n if zero_stage == 0 else st.partition)
-        step += fp32_grads
-        step_why.append("fp32 copy of the gradients")
-    largest = max(math.prod(s) for s in st.seen_shapes)
-    if optimizer == "adafactor":
-        step += 8 * largest
-        step_why.append("Adafactor temporaries (2 x the largest tensor it updates)")
-    elif not cuda:  # the job's AdamW is fused on GPU (no temporaries), single-tensor on CPU
-        step += 4 * largest
-        step_why.append("AdamW temporary (the largest tensor it updates)")
-    if zero_stage == 3 and world > 1:
-        # the largest module's gathered parameters (tied wte is also the lm_head) during forward/backward
-        grad_buf += e * max(shape.vocab_size * shape.n_embd, 12 * shape.n_embd ** 2)
+    if zero_stage == 3 and (world > 1 or offload == "all"):
+        # the largest module's gathered parameters during forward/backward: the embedding or a whole layer
+        grad_buf += e * max(arch.vocab_size * arch.hidden, arch.largest_layer_parameters)
         why.append("ZeRO-3 gathered parameters")
-    dynamic = max(act + logit + grad_buf, step)
+    # the optimizer step (on the host when offloaded)
+    step, step_why = 0, []
+    if offload == "none":
+        if e < 4:
+            step += 4 * (n if zero_stage == 0 else st.partition)
+            step_why.append("fp32 copy of the gradients")
+        largest = max(math.prod(s) for s in st.seen_shapes)
+        if optimizer == "adafactor":
+            step += 8 * largest
+            step_why.append("Adafactor temporaries (2 x the largest tensor it updates)")
+        elif not cuda:  # the job's AdamW is fused on GPU (no temporaries), single-tensor on CPU
+            step += 4 * largest
+            step_why.append("AdamW temporary (the largest tensor it updates)")
+    dynamic = max((act or 0) + logit + grad_buf, step)
     if cuda:
         overhead = GPU_CONTEXT_BYTES + int(ALLOCATOR_FRAGMENTATION * dynamic)
         o_note = "CUDA context + workspaces (1.5 GiB, estimate) + 10% fragmentation"
@@ -648,15 +553,18 @@ def memory_plan(shape: ModelShape, *, precision: str, zero_stage: int, optimizer
         overhead = CPU_PROCESS_BASELINE_BYTES
         o_note = "process baseline RSS, measured (torch + transformers + DeepSpeed)"
     ckpt = " with gradient checkpointing" if gradient_checkpointing else ""
-    exact_act = not cuda and attention == "sdpa" and not gradient_checkpointing
-    items += [MemoryItem("activations", act, exact_act, f"{micro_batch} x {block_size} tokens, {attention}{ckpt}"),
+    items += [MemoryItem("activations", act or 0, False,
+                         f"{micro_batch} x {block_size} tokens{ckpt}; {activations.get('method', '')}"),
               MemoryItem("logits", logit, False, "12 B x tokens x vocab at the loss backward"),
               MemoryItem("gradient buffers", grad_buf, False, "; ".join(why) or "none"),
-              MemoryItem("optimizer step", step, False, "; ".join(step_why) or "none (fused AdamW)"),
+              MemoryItem("optimizer step", step, False,
+                         "; ".join(step_why) or ("on the host" if offload != "none" else "none (fused AdamW)")),
               MemoryItem("overhead", overhead, False, o_note)]
-    peak = st.total + dynamic + overhead
+    if host:
+        items.append(MemoryItem("offloaded to host", host, False, "; ".join(host_why)))
+    peak = sum(on_device.values()) + st.gradients + dynamic + overhead + (0 if cuda else host)
     return MemoryPlan(device, precision, zero_stage, optimizer, world, micro_batch, block_size,
-                      gradient_checkpointing, items, peak, limit_bytes, st)
+                      gradient_checkpointing, items, peak, limit_bytes, st, offload, host)
 
 
 # ------------------------------------------------------------------ checkpoints, exports, volume
@@ -669,7 +577,7 @@ class CheckpointSize:
     note: str
 
 
-def checkpoint_bytes(shape: ModelShape, precision: str, zero_stage: int, optimizer: str, world: int) -> CheckpointSize:
+def checkpoint_bytes(arch: Architecture, precision: str, zero_stage: int, optimizer: str, world: int) -> CheckpointSize:
     """One complete checkpoint directory as job/train/checkpoint.py writes it (engine.save_checkpoint + RNG
     files + markers). DeepSpeed 0.19 writes:
       ZeRO 0: mp_rank_00_model_states.pt (rank 0): module in the model dtype + the optimizer's state_dict
@@ -679,16 +587,16 @@ def checkpoint_bytes(shape: ModelShape, precision: str, zero_stage: int, optimiz
       ZeRO 3: per rank a small zero_pp_rank_R model_states.pt (no weights) and an optim_states.pt (fp32
               partition + state), + the two scripts.
     An estimate: tensor bytes exact, pickle overheads fitted (a few KiB per file)."""
-    st = state_bytes(shape, precision, zero_stage, optimizer, world)
+    st = state_bytes(arch, precision, zero_stage, optimizer, world)
     e = _bytes_of(precision)
-    n_tensors = len(shape.numels())
-    module_records = n_tensors + (1 if shape.tie_word_embeddings else 0)
+    n_tensors = len(arch.parameters)
+    module_records = arch.state_dict_entries
     state_records = len(st.seen_shapes) * (3 if optimizer == "adamw" else 2)
     files: dict[str, int] = {}
     prefix = "bf16_" if precision == "bf16" else ""
     if zero_stage == 0:
         master_records = n_tensors if st.master else 0
-        files["ds/mp_rank_00_model_states.pt"] = (e * shape.n_params + st.master + st.optimizer_states
+        files["ds/mp_rank_00_model_states.pt"] = (e * arch.n_params + st.master + st.optimizer_states
                                                   + CKPT_FILE_BASE + CKPT_MODULE_RECORD * module_records
                                                   + CKPT_STATE_RECORD * (state_records + master_records))
     else:
@@ -721,13 +629,13 @@ def _recovery_scripts_bytes() -> int:
     return DS_RECOVERY_SCRIPTS_BYTES
 
 
-def export_bytes(shape: ModelShape, tokenizer_bytes: int | None = None) -> int:
+def export_bytes(arch: Architecture, tokenizer_bytes: int | None = None) -> int:
     """final/ (or best/): model.safetensors in fp32 (tied lm_head stored once; a JSON header of about 100 B
     per tensor), config.json and generation_config.json, and the tokenizer files (given, or about 60 B per
     vocabulary entry for a byte-level BPE)."""
-    n_tensors = len(shape.numels())
-    tok = tokenizer_bytes if tokenizer_bytes is not None else TOKENIZER_BYTES_PER_TOKEN * shape.vocab_size
-    return 4 * shape.n_params + 100 * n_tensors + 8 + 2048 + int(tok)
+    n_tensors = len(arch.parameters)
+    tok = tokenizer_bytes if tokenizer_bytes is not None else TOKENIZER_BYTES_PER_TOKEN * arch.vocab_size
+    return 4 * arch.n_params + 100 * n_tensors + 8 + 2048 + int(tok)
 
 
 @dataclass
@@ -825,12 +733,10 @@ class TimePlan:
     write_bytes_per_s: float
 
 
-def reference_tokens_per_s(shape: ModelShape, block_size: int) -> float:
+def reference_tokens_per_s(arch: Architecture, block_size: int) -> float:
     """Per GPU: the DeepSpeed ZeRO-1 fp16 reference (156K tokens/s for the 125M shape at block 64) scaled by
-    training FLOPs per token, 6N + 12 L d T."""
-    ref = ModelShape(**RUGPT3SMALL)
-    return REFERENCE_TOKENS_PER_S["deepspeed_zero1_fp16"] * ref.flops_per_token(REFERENCE_BLOCK) \
-        / shape.flops_per_token(block_size)
+    training FLOPs per token (Architecture.flops_per_token)."""
+    return REFERENCE_TOKENS_PER_S["deepspeed_zero1_fp16"] * REFERENCE_FLOPS_PER_TOKEN / arch.flops_per_token(block_size)
 
 
 def slurm_time(seconds: float) -> str:
@@ -841,7 +747,7 @@ def slurm_time(seconds: float) -> str:
     return f"{d}-{hh:02d}:{mm:02d}:00" if d else f"{hh:02d}:{mm:02d}:00"
 
 
-def time_plan(shape: ModelShape, steps: StepsPlan, valid_blocks: int, checkpoint: int, export: int, *,
+def time_plan(arch: Architecture, steps: StepsPlan, valid_blocks: int, checkpoint: int, export: int, *,
               device: str, world: int, tokens_per_s: float | None = None, eval_every: int = 0,
               write_bytes_per_s: float = CHECKPOINT_WRITE_BYTES_PER_S, prepare_text_bytes: int = 0,
               prepare_cores: int | None = None) -> TimePlan:
@@ -858,7 +764,7 @@ def time_plan(shape: ModelShape, steps: StepsPlan, valid_blocks: int, checkpoint
     if tokens_per_s:
         tps, source = float(tokens_per_s), "given"
     elif device != "cpu":
-        tps = reference_tokens_per_s(shape, steps.block_size) * world
+        tps = reference_tokens_per_s(arch, steps.block_size) * world
         source = (f"{REFERENCE_LABEL}; scaled by FLOPs/token to {tps / world:,.0f} per GPU x {world} "
                   "(linear scaling assumed)")
     else:
@@ -896,30 +802,21 @@ class Finding:
     message: str
 
 
-def fp16_overflow_risk(shape: ModelShape) -> Optional[str]:
-    """Why fp16 may overflow for this model, by the rule in FP16_OVERFLOW_FLAGS' comment; None if no reason."""
-    why = []
-    if shape.dtype and "bfloat16" in shape.dtype:
-        why.append(f"its config says it was saved in {shape.dtype}")
-    why += [f"its config sets {f}" for f in shape.fp16_flags]
-    return "; ".join(why) or None
-
-
-def findings(shape: ModelShape, spec, steps: StepsPlan | None, data: DataFigures | None, *, precision: str,
+def findings(arch: Architecture, spec, steps: StepsPlan | None, data: DataFigures | None, *, precision: str,
              device: str, world: int, procs_per_node: int, nnodes: int, memory: MemoryPlan | None = None,
              volume: VolumePlan | None = None, time: TimePlan | None = None,
              tokenizer_vocab: int | None = None) -> list[Finding]:
     out: list[Finding] = []
     t, d = spec.train, spec.data
     block = d.block_size
-    if block > shape.n_positions:
+    if arch.positions and block > arch.positions:
         out.append(Finding("block_over_positions", "error",
-                           f"data.block_size {block} is more than the model's {shape.n_positions} positions: "
-                           "the position embedding has no row for the later tokens"))
-    if tokenizer_vocab and tokenizer_vocab > shape.vocab_size:
+                           f"data.block_size {block} is more than the model's {arch.positions} positions "
+                           "(max_position_embeddings): it was never trained on later tokens"))
+    if tokenizer_vocab and tokenizer_vocab > arch.vocab_size:
         out.append(Finding("vocab_over_model", "error",
                            f"the tokenizer has {tokenizer_vocab:,} tokens but the model's embedding only "
-                           f"{shape.vocab_size:,} rows"))
+                           f"{arch.vocab_size:,} rows"))
     if data is not None and steps is not None:
         train_blocks = data.blocks["train"]
         if train_blocks < world * t.micro_batch:  # job/pipeline.py refuses this before launching
@@ -942,20 +839,17 @@ def findings(shape: ModelShape, spec, steps: StepsPlan | None, data: DataFigures
                            f"processes: {per_gpu * world:,} sequences here, {per_gpu * 2 * world:,} with twice "
                            "as many GPUs; the step count and the best learning rate change with it. Set "
                            "train.global_batch (or resources.procs_per_node) to fix it"))
-    if precision == "fp16":
-        why = fp16_overflow_risk(shape)
-        if why:
-            out.append(Finding("fp16_overflow", "warning",
-                               f"fp16 may overflow for this model ({why}); use train.precision: bf16 on GPUs "
-                               "that have it"))
+    if precision == "fp16" and arch.fp16_problem:
+        out.append(Finding("fp16_overflow", "warning", fp16_warning(arch.fp16_problem, t.precision)))
     if precision == "fp16" and device == "cpu":
         out.append(Finding("fp16_on_cpu", "error", "train.precision: fp16 needs a GPU; on CPU use bf16 or fp32"))
     if precision == "fp32" and device != "cpu":
         out.append(Finding("fp32_on_gpu", "note", "fp32 on a GPU: the time reference is fp16, so expect slower"))
     if memory is not None and memory.fits is False:
-        out.append(Finding("memory", "error", f"ZeRO-{memory.zero_stage} {memory.precision}: {memory.verdict}; "
+        out.append(Finding("memory", "error", f"ZeRO-{memory.label} {memory.precision}: {memory.verdict}; "
                            "lower train.micro_batch (with more grad_accum for the same batch), turn on "
-                           "train.gradient_checkpointing, raise train.zero_stage, or use a larger device"))
+                           "train.gradient_checkpointing, raise train.zero_stage, set train.offload, or use a "
+                           "larger device"))
     if volume is not None and volume.ok is False:
         out.append(Finding("volume", "error", volume.message))
     if time is not None and time.grace_s > DEFAULT_GRACE_S:
@@ -970,13 +864,23 @@ def findings(shape: ModelShape, spec, steps: StepsPlan | None, data: DataFigures
     return out
 
 
+def fp16_warning(problem: str, asked: str) -> str:
+    """One line for the plan and the run: why fp16 is risky for this model and the setting to change."""
+    how = "train.precision: auto trains in fp16 on GPUs" if asked == "auto" else "train.precision is fp16"
+    return (f"{how}, and fp16 may overflow for this model ({problem}); set train.precision: bf16 "
+            "(GPUs from A100 / H100 on)")
+
+
 # ------------------------------------------------------------------ the whole plan
+
+# The memory table's rows: every ZeRO stage, then the offloads that make a big model fit.
+MEMORY_VARIANTS = [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "optimizer"), (3, "optimizer"), (3, "all")]
 
 
 @dataclass
 class Plan:
     name: str
-    model: ModelShape
+    model: Architecture
     device: str
     precision: str
     optimizer: str
@@ -984,7 +888,7 @@ class Plan:
     world: int
     data: Optional[DataFigures]
     steps: Optional[StepsPlan]
-    memory: list[MemoryPlan]  # ZeRO 0-3 without gradient checkpointing
+    memory: list[MemoryPlan]  # MEMORY_VARIANTS (and the spec's own), without gradient checkpointing
     memory_checkpointing: list[MemoryPlan]  # the same with train.gradient_checkpointing
     checkpoint: CheckpointSize
     export_bytes: int
@@ -993,12 +897,15 @@ class Plan:
     findings: list[Finding]
     gradient_checkpointing: bool = False  # train.gradient_checkpointing
     grad_accum: int = 1  # as the worker will run it (train.global_batch derives it)
-    attention: str = "sdpa"
+    attention: str = "auto"
+    offload: str = "none"  # train.offload
+    activation_method: str = ""  # how the activations were counted (job.architecture.trace_activations)
 
     @property
     def chosen_memory(self) -> MemoryPlan:
-        """The spec's ZeRO stage with the spec's gradient checkpointing setting."""
-        return (self.memory_checkpointing if self.gradient_checkpointing else self.memory)[self.zero_stage]
+        """The spec's ZeRO stage and offload with the spec's gradient checkpointing setting."""
+        rows = self.memory_checkpointing if self.gradient_checkpointing else self.memory
+        return next(m for m in rows if (m.zero_stage, m.offload) == (self.zero_stage, self.offload))
 
     @property
     def ok(self) -> bool:
@@ -1006,18 +913,23 @@ class Plan:
 
     def to_dict(self) -> dict:
         def mem(m: MemoryPlan) -> dict:
-            return {"zero_stage": m.zero_stage, "gradient_checkpointing": m.gradient_checkpointing,
-                    "peak_bytes": m.peak_bytes, "limit_bytes": m.limit_bytes, "fits": m.fits,
-                    "items": {i.name: {"bytes": i.bytes, "exact": i.exact, "note": i.note} for i in m.items},
+            return {"zero_stage": m.zero_stage, "offload": m.offload, "gradient_checkpointing": m.gradient_checkpointing,
+                    "peak_bytes": m.peak_bytes, "host_bytes": m.host_bytes, "limit_bytes": m.limit_bytes,
+                    "fits": m.fits, "items": {i.name: {"bytes": i.bytes, "exact": i.exact, "note": i.note} for i in m.items},
                     "optimizer_sees": m.state.optimizer_sees, "adafactor_factored": m.state.adafactor_factored}
 
         return {
             "name": self.name, "ok": self.ok,
-            "model": {**{k: v for k, v in asdict(self.model).items()}, "n_params": self.model.n_params},
+            "model": {**self.model.to_dict(), "describe": self.model.describe()},
             "run": {"device": self.device, "precision": self.precision, "optimizer": self.optimizer,
-                    "zero_stage": self.zero_stage, "world": self.world, "grad_accum": self.grad_accum,
-                    "gradient_checkpointing": self.gradient_checkpointing, "attention": self.attention,
-                    "peak_bytes": self.chosen_memory.peak_bytes, "fits": self.chosen_memory.fits},
+                    "zero_stage": self.zero_stage, "offload": self.offload, "world": self.world,
+                    "grad_accum": self.grad_accum, "gradient_checkpointing": self.gradient_checkpointing,
+                    "attention": self.attention, "peak_bytes": self.chosen_memory.peak_bytes,
+                    "host_bytes": self.chosen_memory.host_bytes, "fits": self.chosen_memory.fits},
+            "state_bytes": {"parameters": self.chosen_memory.state.parameters,
+                            "master": self.chosen_memory.state.master,
+                            "gradients": self.chosen_memory.state.gradients,
+                            "optimizer_states": self.chosen_memory.state.optimizer_states},
             "data": None if self.data is None else {**asdict(self.data), "data_bytes": self.data.data_bytes},
             "steps": None if self.steps is None else asdict(self.steps),
             "memory": [mem(m) for m in self.memory],
@@ -1036,7 +948,8 @@ class Plan:
                  f"model    {self.model.describe()}",
                  f"run      {self.device} x {_n(self.world, 'rank')}, {self.precision}, ZeRO-{self.zero_stage}, "
                  f"{self.optimizer}, {self.attention} attention"
-                 + (", gradient checkpointing" if self.gradient_checkpointing else "")]
+                 + (", gradient checkpointing" if self.gradient_checkpointing else "")
+                 + (f", offload {self.offload}" if self.offload != "none" else "")]
         if self.data is not None:
             lines.append(f"data     ({self.data.source}) {self.data.describe()}")
         else:
@@ -1047,24 +960,26 @@ class Plan:
         limit = self.chosen_memory.limit_bytes
         unit = "GPU" if self.device != "cpu" else "process"
         lines += ["", f"memory per {unit}" + (f" (limit {_gib(limit)})" if limit else "") +
-                  "; exact: parameters, master, gradients, optimizer states" +
-                  ("" if self.device != "cpu" else ", activations"), ""]
+                  "; exact: parameters, master, gradients, optimizer states; activations "
+                  f"{self.activation_method or 'not traced'}", ""]
         head = ["ZeRO", "params", "master", "grads", "optimizer", "activations", "logits", "grad buffers",
-                "step", "overhead", "peak", "with grad ckpt", "verdict"]
+                "step", "overhead", "host", "peak", "with grad ckpt", "verdict"]
         rows = []
+        chosen_key = (self.zero_stage, self.offload)
         for m, mc in zip(self.memory, self.memory_checkpointing):
-            mark = " *" if m.zero_stage == self.zero_stage else ""
+            mark = " *" if (m.zero_stage, m.offload) == chosen_key else ""
             chosen = mc if self.gradient_checkpointing else m
-            rows.append([f"{m.zero_stage}{mark}"] + [_gib(chosen.item(k)) for k in (
+            rows.append([f"{m.label}{mark}"] + [_gib(chosen.item(k)) for k in (
                 "parameters", "master weights", "gradients", "optimizer states", "activations", "logits",
-                "gradient buffers", "optimizer step", "overhead")] + [_gib(m.peak_bytes), _gib(mc.peak_bytes),
-                                                                      chosen.verdict])
+                "gradient buffers", "optimizer step", "overhead")] + [_gib(m.host_bytes), _gib(m.peak_bytes),
+                                                                      _gib(mc.peak_bytes), chosen.verdict])
         lines += _table(head, rows)
         st = self.chosen_memory.state
         lines += ["", f"(* the spec's stage) {self.optimizer} updates {st.optimizer_sees}" +
                   ("; Adafactor factors 2-D second moments only under ZeRO 0" if self.optimizer == "adafactor" else ""),
                   f"train.gradient_checkpointing is {'on' if self.gradient_checkpointing else 'off'}: the spec's "
-                  f"peak is the '{'with grad ckpt' if self.gradient_checkpointing else 'peak'}' column"]
+                  f"peak is the '{'with grad ckpt' if self.gradient_checkpointing else 'peak'}' column; 'host' is "
+                  "what train.offload keeps in host memory per process"]
         v = self.volume
         lines += ["", f"volume   {v.message}",
                   f"         one checkpoint {_gb(self.checkpoint.total)} ({self.checkpoint.note}); one export "
@@ -1106,14 +1021,16 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
-def make_plan(config, spec, manifest: dict | None = None, *, data: DataFigures | None = None,
-              world: int | None = None, gpus: int | None = None, accelerator: str | None = None,
-              gpu_memory_gib: float = 80.0, host_memory_gib: float | None = None,
+def make_plan(arch: Architecture, spec, manifest: dict | None = None, *, activations=None,
+              data: DataFigures | None = None, world: int | None = None, gpus: int | None = None,
+              accelerator: str | None = None, gpu_memory_gib: float = 80.0, host_memory_gib: float | None = None,
               tokens_per_s: float | None = None, free_bytes: int | None = None, present_bytes: int = 0,
               tokenizer_bytes: int | None = None, tokenizer_vocab: int | None = None,
               write_bytes_per_s: float = CHECKPOINT_WRITE_BYTES_PER_S, name: str | None = None) -> Plan:
-    """The whole plan. `config`: GPT2Config or dict; `spec`: job.spec.JobSpec; `manifest`: data/manifest.json
-    as a dict (or `data` from estimate_data_from_sample); `world` overrides what `gpus` x nodes gives;
+    """The whole plan. `arch`: the model as the run builds it (job.architecture.describe); `activations`:
+    a function of (precision, device) giving job.architecture.trace_activations' figures for the spec's
+    micro-batch and block (or those figures); `spec`: job.spec.JobSpec; `manifest`: data/manifest.json as
+    a dict (or `data` from estimate_data_from_sample); `world` overrides what `gpus` x nodes gives;
     `accelerator`: "cuda"/"cpu" (default: the spec's, and for "auto" cuda when `gpus` is given or the
     precision is fp16, else cpu); `free_bytes`: free space on the output volume; `present_bytes`: what the
     run already has there (its data/, checkpoints)."""
@@ -1124,16 +1041,14 @@ def make_plan(config, spec, manifest: dict | None = None, *, data: DataFigures |
             accelerator = "cuda" if gpus or t.precision == "fp16" else "cpu"
     precision = resolve_precision(t.precision, accelerator)
     world, procs, nnodes = resolve_world(spec, accelerator, gpus, world)
-    vocab = None
     if manifest is not None:
         tokenizer_vocab = tokenizer_vocab or manifest.get("tokenizer", {}).get("vocab_size")
-    if getattr(spec.model, "from_config", None) is not None and tokenizer_vocab:
-        vocab = max(int(_get(config, "vocab_size") or 0), int(tokenizer_vocab))  # as job/model.py load_model
-    shape = ModelShape.from_config(config, vocab_size=vocab, dropout=t.dropout)
+    acts = activations(precision, accelerator) if callable(activations) else (activations or {})
     if data is None and manifest is not None:
         data = data_from_manifest(manifest)
     grad_accum, accum_problem = resolve_grad_accum(t, world)
-    attention = getattr(spec.model, "attn_implementation", None) or "sdpa"
+    attention = getattr(spec.model, "attn_implementation", None) or "auto"
+    offload = getattr(t, "offload", "none") or "none"
     steps = None
     if data is not None:
         steps = steps_plan(data.blocks["train"], data.blocks["valid"], world, d.block_size, t, grad_accum)
@@ -1142,12 +1057,13 @@ def make_plan(config, spec, manifest: dict | None = None, *, data: DataFigures |
     else:
         limit = int(host_memory_gib * GiB / max(1, world // max(1, nnodes))) if host_memory_gib else None
     kw = dict(precision=precision, optimizer=t.optimizer, world=world, micro_batch=t.micro_batch,
-              block_size=d.block_size, grad_accum=grad_accum, device=accelerator, limit_bytes=limit,
-              attention=attention)
-    memory = [memory_plan(shape, zero_stage=z, **kw) for z in range(4)]
-    memory_ckpt = [memory_plan(shape, zero_stage=z, gradient_checkpointing=True, **kw) for z in range(4)]
-    ckpt = checkpoint_bytes(shape, precision, t.zero_stage, t.optimizer, world)
-    export = export_bytes(shape, tokenizer_bytes)
+              block_size=d.block_size, grad_accum=grad_accum, device=accelerator, limit_bytes=limit)
+    variants = MEMORY_VARIANTS + ([] if (t.zero_stage, offload) in MEMORY_VARIANTS else [(t.zero_stage, offload)])
+    memory = [memory_plan(arch, acts, zero_stage=z, offload=o, **kw) for z, o in variants]
+    memory_ckpt = [memory_plan(arch, acts, zero_stage=z, offload=o, gradient_checkpointing=True, **kw)
+                   for z, o in variants]
+    ckpt = checkpoint_bytes(arch, precision, t.zero_stage, t.optimizer, world)
+    export = export_bytes(arch, tokenizer_bytes)
     data_bytes = data.data_bytes if data is not None else 0
     other = OTHER_RUN_FILES_BYTES + (250 * steps.total_steps // max(1, t.log_every) if steps else 0)
     best = bool(data is None or data.blocks["valid"] > 0) and d.valid_fraction > 0
@@ -1156,58 +1072,25 @@ def make_plan(config, spec, manifest: dict | None = None, *, data: DataFigures |
     time = None
     if steps is not None:
         prep = data.text_bytes if data is not None and data.source != "manifest" else 0
-        time = time_plan(shape, steps, data.blocks["valid"], ckpt.total, export, device=accelerator, world=world,
+        time = time_plan(arch, steps, data.blocks["valid"], ckpt.total, export, device=accelerator, world=world,
                          tokens_per_s=tokens_per_s, eval_every=t.eval_every, write_bytes_per_s=write_bytes_per_s,
                          prepare_text_bytes=prep)
     ckpt_on = bool(getattr(t, "gradient_checkpointing", False))
-    found = findings(shape, spec, steps, data, precision=precision, device=accelerator, world=world,
-                     procs_per_node=procs, nnodes=nnodes, memory=(memory_ckpt if ckpt_on else memory)[t.zero_stage],
-                     volume=volume, time=time, tokenizer_vocab=tokenizer_vocab)
+    plan = Plan(name or spec.name, arch, accelerator, precision, t.optimizer, t.zero_stage, world, data, steps,
+                memory, memory_ckpt, ckpt, export, volume, time, [], ckpt_on, grad_accum, attention, offload,
+                acts.get("method", ""))
+    plan.findings = findings(arch, spec, steps, data, precision=precision, device=accelerator, world=world,
+                             procs_per_node=procs, nnodes=nnodes, memory=plan.chosen_memory, volume=volume,
+                             time=time, tokenizer_vocab=tokenizer_vocab)
     if accum_problem:
-        found.insert(0, Finding("global_batch", "error", accum_problem))
+        plan.findings.insert(0, Finding("global_batch", "error", accum_problem))
+    if acts.get("bytes") is None:
+        plan.findings.append(Finding("activations", "note", "activation memory could not be traced for this "
+                                     f"model ({acts.get('method', 'no trace')}); the peaks leave it out"))
     if getattr(t, "early_stopping_patience", 0) and time is not None:
-        found.append(Finding("early_stopping", "note", "train.early_stopping_patience is set: the run may stop "
-                             "sooner; the time figures are for every step"))
-    return Plan(name or spec.name, shape, accelerator, precision, t.optimizer, t.zero_stage, world, data, steps,
-                memory, memory_ckpt, ckpt, export, volume, time, found, ckpt_on, grad_accum, attention)
-
-
-# ------------------------------------------------------------------ measured, for plan-vs-measured reports
-
-
-def count_state_bytes(engine_or_model, optimizer=None) -> dict[str, int]:
-    """Bytes of real tensors, the counterpart of StateBytes: parameters, master, gradients and optimizer
-    state, from a DeepSpeed engine or a model and its torch optimizer. Gradients are those held at the call
-    (call right after backward at an accumulation boundary; DeepSpeed frees ZeRO's after the step), the
-    optimizer state exists after the first step. For the worker to record beside the plan."""
-    import torch
-
-    def nbytes(t) -> int:
-        return t.numel() * t.element_size() if torch.is_tensor(t) else 0
-
-    def storage(t) -> int:
-        return t.untyped_storage().data_ptr()
-
-    zo = getattr(engine_or_model, "optimizer", None) if optimizer is None else optimizer
-    model = getattr(engine_or_model, "module", engine_or_model)
-    inner = getattr(zo, "optimizer", zo)
-    out = {"parameters": 0, "master": 0, "gradients": 0, "optimizer_states": 0}
-    weights = list(getattr(zo, "bit16_groups_flat", None) or getattr(zo, "fp16_partitioned_groups_flat", None) or [])
-    if not weights:  # ZeRO 0: the model's own tensors (parameters() yields a tied weight once)
-        weights = [p.data for p in model.parameters()]
-    out["parameters"] = sum(nbytes(t) for t in weights)
-    shared = {storage(t) for t in weights if t.numel() and t.device.type != "meta"}
-    masters = list(getattr(zo, "single_partition_of_fp32_groups", None) or
-                   getattr(zo, "fp32_partitioned_groups_flat", None) or [])
-    masters += [t for group in getattr(zo, "fp32_groups", None) or [] for t in group]
-    out["master"] = sum(nbytes(t) for t in masters if not t.numel() or storage(t) not in shared)
-    averaged = getattr(zo, "averaged_gradients", None)
-    if averaged:
-        out["gradients"] = sum(nbytes(t) for v in averaged.values() if v is not None for t in v)
-    else:
-        out["gradients"] = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
-    out["optimizer_states"] = sum(nbytes(v) for s in getattr(inner, "state", {}).values() for v in s.values())
-    return out
+        plan.findings.append(Finding("early_stopping", "note", "train.early_stopping_patience is set: the run may "
+                                     "stop sooner; the time figures are for every step"))
+    return plan
 
 
 # ------------------------------------------------------------------ formatting helpers

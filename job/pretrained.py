@@ -7,10 +7,12 @@ Every problem with what the spec points at is a BadInput naming the key.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from pathlib import Path
 
 from .errors import BadInput
+from .families import DEFAULT_MODEL_TYPE
 
 
 def resolve_model_dir(name: str, key: str = "model.path") -> Path:
@@ -54,44 +56,86 @@ def load_tokenizer(name: str, key: str = "model.tokenizer"):
     return tok
 
 
+def adds_bos(tok) -> bool:
+    """Whether the tokenizer starts every text with its BOS token by itself (Llama's and Mistral's do)."""
+    if tok.bos_token_id is None:
+        return False
+    ids = tok("a")["input_ids"]
+    return bool(ids) and ids[0] == tok.bos_token_id and ids != tok("a", add_special_tokens=False)["input_ids"]
+
+
 def tokenizer_fingerprint(tok) -> str:
     """A hash of what the tokenizer does (not where it lives), for the data manifest."""
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def model_config(spec_model):
-    """The GPT-2 config of the model the run trains: the checkpoint's, or a fresh one from `from_config`."""
+    """The config of the model the run trains: the checkpoint's, or a fresh one from `from_config`."""
     from transformers import AutoConfig
 
     if spec_model.from_config is not None:
-        return _fresh_config(spec_model.from_config)
+        return fresh_config(spec_model.from_config)
     directory = resolve_model_dir(spec_model.path)
     if not (directory / "config.json").exists():
         raise BadInput(f"model.path: {directory} has no config.json (is it a Hugging Face model directory?)")
     try:
         return AutoConfig.from_pretrained(directory)
     except Exception as e:
-        raise BadInput(f"model.path: cannot read {directory / 'config.json'}: {e}") from None
+        raise BadInput(f"model.path: cannot read {directory / 'config.json'}: {type(e).__name__}: "
+                       f"{_first_line(e)}") from None
 
 
-def _fresh_config(fields: dict):
-    """GPT2Config takes any keyword silently (a misspelt n_layers would train the default 12 layers)."""
+def fresh_config(fields: dict):
+    """A config for `model.from_config`: any family AutoConfig knows (`model_type`, GPT-2 without one) and
+    that family's fields. A config class takes any keyword silently (a misspelt num_hidden_layer would
+    train the default 32 layers), so every key is checked against the family's own fields first."""
     import difflib
 
-    from transformers import GPT2Config
+    from transformers import AutoConfig, CONFIG_MAPPING
 
-    known = set(GPT2Config().to_dict()) | set(GPT2Config.attribute_map)
+    fields = dict(fields)
+    model_type = fields.pop("model_type", DEFAULT_MODEL_TYPE)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+        raise BadInput(f"model.from_config.model_type: {model_type!r} is not a model type transformers knows" +
+                       (f"; did you mean '{close[0]}'?" if close else " (see AutoConfig's model types)"))
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict()) | set(cls.attribute_map) | set(inspect.signature(cls.__init__).parameters)
     for key in fields:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
-            raise BadInput(f"model.from_config.{key}: not a GPT2Config field" +
+            raise BadInput(f"model.from_config.{key}: not a {cls.__name__} field" +
                            (f"; did you mean '{close[0]}'?" if close else ""))
     try:
-        config = GPT2Config(**fields)
+        config = AutoConfig.for_model(model_type, **fields)
     except (TypeError, ValueError) as e:
-        raise BadInput(f"model.from_config: {e}") from None
-    if config.n_embd % config.n_head:
-        raise BadInput(f"model.from_config: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+        raise BadInput(f"model.from_config: {_first_line(e)}") from None
+    heads = config.num_attention_heads
+    if not getattr(config, "head_dim", None) and config.hidden_size % heads:
+        raise BadInput(f"model.from_config: hidden size {config.hidden_size} is not divisible by "
+                       f"{heads} attention heads")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % kv:
+        raise BadInput(f"model.from_config: {heads} attention heads are not a multiple of {kv} key-value heads")
+    return config
+
+
+def training_config(spec_model, tokenizer, dropout: float | None = None):
+    """The config exactly as the workers build the model from it (the plan describes the same one): a
+    fresh model's vocabulary grown to the tokenizer's and its special tokens taken from it; train.dropout
+    on every dropout rate; the attention kernel asked for."""
+    config = model_config(spec_model)
+    if spec_model.from_config is not None:
+        config.vocab_size = max(config.vocab_size, len(tokenizer))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if name not in spec_model.from_config:
+                setattr(config, name, getattr(tokenizer, name, None))
+    if dropout is not None:
+        for key, value in config.to_dict().items():
+            if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+                setattr(config, key, dropout)
+    if spec_model.attn_implementation != "auto":
+        config._attn_implementation = spec_model.attn_implementation
     return config
 
 
@@ -130,28 +174,26 @@ def _check_safetensors_size(path: Path) -> None:
         raise ValueError(f"truncated: {path.stat().st_size} bytes, the header needs {8 + n + end}")
 
 
-def load_model(spec_model, vocab_size: int | None = None, dropout: float | None = None):
-    """The model to train: pretrained weights from `path`, or fresh weights from `from_config`."""
-    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+def load_model(spec_model, tokenizer, dropout: float | None = None):
+    """The model to train: pretrained weights from `path`, or fresh weights from `from_config`, in fp32."""
+    from transformers import AutoModelForCausalLM
 
-    config = model_config(spec_model)
-    if dropout is not None:
-        for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            if hasattr(config, attr):
-                setattr(config, attr, dropout)
-    config._attn_implementation = spec_model.attn_implementation
+    config = training_config(spec_model, tokenizer, dropout)
+    attention = {} if spec_model.attn_implementation == "auto" else {"attn_implementation": spec_model.attn_implementation}
     if spec_model.from_config is not None:
-        if vocab_size is not None and config.vocab_size < vocab_size:
-            config.vocab_size = vocab_size
-        return GPT2LMHeadModel(config)
+        return AutoModelForCausalLM.from_config(config, **attention)
     directory = resolve_model_dir(spec_model.path)
     try:
-        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype="float32",
-                                                    attn_implementation=spec_model.attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype="float32", **attention)
     except Exception as e:
         raise BadInput(f"model.path: cannot load weights from {directory}: {type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]}") from None
+                       f"{_first_line(e)}") from None
 
 
 def max_positions(config) -> int:
-    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)
+    """max_position_embeddings (GPT-2's n_positions through its config's attribute map); 0 when unstated."""
+    return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else ""

@@ -44,7 +44,9 @@ class DataSpec(Section):
     split_seed: int = Field(0, description="sklearn train_test_split random_state; 0 reproduces the original run")
     shards: int = Field(4, gt=0, description="text/token shards per split (tokenised in parallel)")
     block_size: int = Field(64, gt=0, description="tokens per training sequence")
-    join: Literal["newline", "eos"] = Field("newline", description="what separates documents in the token stream")
+    join: Literal["auto", "newline", "eos", "bos_eos"] = Field(
+        "auto", description="how each document starts and ends in the token stream: newline (after it), eos "
+        "(EOS after it), bos_eos (BOS before, EOS after); auto: the model family's default (see Model families)")
     chunk_rows: int = Field(2000, gt=0, description="rows per SQLite fetch")
     workers: int = Field(0, ge=0, description="tokenizer processes; 0 = one per core")
 
@@ -52,11 +54,14 @@ class DataSpec(Section):
 class ModelSpec(Section):
     path: str = Field(min_length=1, description="local directory or Hugging Face id already in the local cache")
     tokenizer: Optional[str] = Field(None, description="tokenizer directory or id; defaults to `path`")
-    from_config: Optional[dict] = Field(None, description="GPT2Config fields: train a fresh, randomly initialised "
-                                        "model (smoke runs, training from scratch); the tokenizer still comes "
-                                        "from `tokenizer` or `path`")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="attention kernel; flash_attention_2 needs the flash-attn package and a GPU")
+    from_config: Optional[dict] = Field(None, description="a config instead of weights: `model_type` (any "
+                                        "family transformers knows; gpt2 without one) and that family's "
+                                        "fields; trains a fresh, randomly initialised model (smoke runs, "
+                                        "training from scratch); the tokenizer still comes from `tokenizer` or "
+                                        "`path`")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="attention kernel; auto: the family's own choice in transformers (sdpa, or eager "
+        "where the family needs it); flash_attention_2 needs the flash-attn package and a GPU")
 
 
 class TrainSpec(Section):
@@ -74,8 +79,13 @@ class TrainSpec(Section):
     adam_betas: list[Number] = Field(default_factory=lambda: [0.9, 0.999], description="AdamW's (beta1, beta2)")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
-    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: fp16 on GPU (the "
+                                                                "original run; the plan and the run warn where "
+                                                                "the model needs bf16), fp32 on CPU")
     zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    offload: Literal["none", "optimizer", "all"] = Field(
+        "none", description="DeepSpeed ZeRO-Offload: optimizer keeps the fp32 master weights and optimizer "
+        "states in host memory and steps there (ZeRO 1-3); all moves the parameters there too (ZeRO 3)")
     grad_clip: Number = Field(1.0, ge=0.0, description="max gradient norm; 0 disables clipping")
     seed: int = Field(42, description="model init, dropout and data order (each rank adds its rank)")
     checkpoint_every: int = Field(1000, gt=0, description="optimizer steps between checkpoints")
@@ -217,6 +227,19 @@ def dump(spec: JobSpec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True)
 
 
+def reference_rows(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[str]:
+    """README's spec reference: one markdown row per key (key, default, description)."""
+    out = []
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, Section):
+            out += reference_rows(f.annotation, f"{prefix}{name}.")
+            continue
+        default = f.get_default(call_default_factory=True)
+        shown = "required" if f.is_required() else "—" if default is None else f"`{default}`"
+        out.append(f"| `{prefix}{name}` | {shown} | {f.description or ''} |")
+    return out
+
+
 def field_docs(model: type[BaseModel] = JobSpec, prefix: str = "") -> dict[str, str]:
     """Every key's dotted name -> its description, for the README's spec reference."""
     out = {}
@@ -297,6 +320,12 @@ def _check_cross_fields(spec: JobSpec, lines, source):
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise SpecError("train.adam_betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]",
                         lines.get("train.adam_betas"), source)
+    if t.offload == "all" and t.zero_stage != 3:
+        raise SpecError("train.offload", f"all (parameters too) needs train.zero_stage: 3, not {t.zero_stage}; "
+                        "use train.offload: optimizer", lines.get("train.offload"), source)
+    if t.offload != "none" and t.zero_stage == 0:
+        raise SpecError("train.offload", "needs train.zero_stage 1, 2 or 3 (ZeRO-Offload partitions the "
+                        "optimizer)", lines.get("train.offload"), source)
     if g.do_sample is False and g.num_return_sequences > g.num_beams:
         raise SpecError("generation.num_return_sequences", "greedy/beam search cannot return more sequences "
                         "than generation.num_beams", lines.get("generation.num_return_sequences"), source)

@@ -96,6 +96,34 @@ def tokenizer_without_eos(tmp, assets):
     return {"model.path": str(model), "data.join": "eos"}
 
 
+def tokenizer_without_bos(tmp, assets):
+    """The demo tokenizer without its BOS token (its EOS kept), asked to start documents with BOS."""
+    import json
+
+    model = tmp / "model-no-bos"
+    shutil.copytree(assets.model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["bos_token"] = None
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "special_tokens_map.json").unlink(missing_ok=True)
+    return {"model.path": str(model), "data.join": "bos_eos"}
+
+
+def llama_smaller_than_tokenizer(tmp, assets):
+    """A Llama whose embedding (300 rows) is smaller than the demo tokenizer (467 tokens)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = tmp / "llama-300"
+    config = AutoConfig.for_model("llama", vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
+                                  pad_token_id=None)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    for f in assets.model.iterdir():
+        if "token" in f.name or f.name in ("vocab.json", "merges.txt"):
+            shutil.copy(f, model / f.name)
+    return {"model.path": str(model)}
+
+
 def model_with(tmp, assets, name: str, damage: Callable[[Path], None]):
     model = tmp / name
     shutil.copytree(assets.model, model)
@@ -304,11 +332,27 @@ CASES = [
                  id="model-path-is-a-file"),
     pytest.param(Case("run", ("model.from_config.n_layers", "not a GPT2Config field", "did you mean 'n_layer'"),
                       spec={"model.from_config": {"n_layers": 2}}), id="from-config-misspelt-field"),
-    pytest.param(Case("run", ("model.from_config", "n_embd 65", "n_head 4"),
+    pytest.param(Case("run", ("model.from_config", "hidden size 65", "4 attention heads"),
                       spec={"model.from_config": {"n_embd": 65, "n_head": 4}}), id="from-config-heads-do-not-divide"),
+    pytest.param(Case("run", ("model.from_config.model_type", "'lama'", "did you mean 'llama'"),
+                      spec={"model.from_config": {"model_type": "lama", "hidden_size": 64}}),
+                 id="from-config-unknown-model-type"),
+    pytest.param(Case("run", ("model.from_config.num_hidden_layer", "not a LlamaConfig field",
+                              "did you mean 'num_hidden_layers'"),
+                      spec={"model.from_config": {"model_type": "llama", "num_hidden_layer": 2}}),
+                 id="from-config-misspelt-field-of-another-family"),
+    pytest.param(Case("run", ("model.from_config", "4 attention heads", "3 key-value heads"),
+                      spec={"model.from_config": {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                                  "num_key_value_heads": 3}}), id="from-config-kv-heads-do-not-divide"),
+    pytest.param(Case("run", ("model.tokenizer", "467 tokens", "vocabulary has 300"), setup=llama_smaller_than_tokenizer),
+                 id="tokenizer-larger-than-the-embedding"),
+    pytest.param(Case("run", ("data.join", "bos_eos", "no begin-of-text token"), setup=tokenizer_without_bos),
+                 id="join-bos-eos-without-bos"),
+    pytest.param(Case("run", ("train.offload", "zero_stage: 3"), spec={"train.offload": "all"}),
+                 id="offload-parameters-below-zero-3"),
     pytest.param(Case("run", ("model.attn_implementation", "flash-attn"),
                       spec={"model.attn_implementation": "flash_attention_2"}), id="flash-attention-not-installed"),
-    pytest.param(Case("run", ("model.attn_implementation", "must be one of sdpa, eager, flash_attention_2"),
+    pytest.param(Case("run", ("model.attn_implementation", "must be one of auto, sdpa, eager, flash_attention_2"),
                       spec={"model.attn_implementation": "flash"}), id="attention-unknown"),
     # --- overrides of list keys and sections
     pytest.param(Case("run", ("generation.prompts", "must be a list, got a string"),
@@ -334,7 +378,7 @@ CASES = [
     pytest.param(Case("validate", ("generation.top_p", "at most 1.0"), spec={"generation.top_p": 1.5}),
                  id="top-p-above-one"),
     pytest.param(Case("run", ("data.limit", "greater than 0", "got -5"), spec={"data.limit": -5}), id="limit-negative"),
-    pytest.param(Case("run", ("data.join", "must be one of newline, eos", "'tab'"), spec={"data.join": "tab"}),
+    pytest.param(Case("run", ("data.join", "must be one of auto, newline, eos, bos_eos", "'tab'"), spec={"data.join": "tab"}),
                  id="join-unknown"),
     pytest.param(Case("run", ("name", "given twice", "lines 1 and 3"),
                       text="name: demo\noutput_dir: runs\nname: other\n"), id="yaml-duplicate-key"),

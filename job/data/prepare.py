@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import pretrained
+from .. import families, pretrained
 from ..errors import DataError
 from ..progress import Progress
 from ..rundir import RunPaths, atomic_dir, read_manifest, sha256_file
@@ -39,13 +39,36 @@ def text_source(spec: JobSpec) -> TextSource:
 
 # The data keys that decide which blocks a run trains on; `database` (where the rows come from) is the
 # source, tracked apart: a run keeps its own snapshot when only the source changed.
-SETTINGS_KEYS = ("table", "text_column", "query", "limit", "valid_fraction", "split_seed", "shards", "block_size",
-                 "join")
+SETTINGS_KEYS = ("table", "text_column", "query", "limit", "valid_fraction", "split_seed", "shards", "block_size")
 
 
-def data_settings(spec: JobSpec, tokenizer_hash: str) -> dict:
-    return {**{k: getattr(spec.data, k) for k in SETTINGS_KEYS}, "tokenizer": tokenizer_hash,
-            "format": FORMAT_VERSION}
+def data_settings(spec: JobSpec, tok) -> dict:
+    """What the prepared blocks depend on, with data.join: auto resolved (a run prepared before `auto`
+    existed recorded the join it used, so it keeps matching)."""
+    return {**{k: getattr(spec.data, k) for k in SETTINGS_KEYS}, "join": resolve_join(spec, tok),
+            "tokenizer": pretrained.tokenizer_fingerprint(tok), "format": FORMAT_VERSION}
+
+
+def resolve_join(spec: JobSpec, tok) -> str:
+    """data.join, with auto replaced by the model family's default (job/families.py)."""
+    if spec.data.join != "auto":
+        return spec.data.join
+    model_type = pretrained.model_config(spec.model).model_type
+    return families.join_for(model_type, pretrained.adds_bos(tok), tok.bos_token_id is not None,
+                             tok.eos_token_id is not None)
+
+
+def document_boundaries(tok, join: str) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) each document in the token stream: "newline" ends it with the tokens of a
+    newline (the original run joined its texts with newlines), "eos" with EOS, "bos_eos" also starts it
+    with BOS, as Llama-style models saw their pretraining documents."""
+    if join == "newline":
+        return [], tok("\n", add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is None:
+        raise DataError(f"data.join: {join}, but the tokenizer has no end-of-text token; use data.join: newline")
+    if join == "bos_eos" and tok.bos_token_id is None:
+        raise DataError("data.join: bos_eos, but the tokenizer has no begin-of-text token; use data.join: eos")
+    return ([tok.bos_token_id] if join == "bos_eos" else []), [tok.eos_token_id]
 
 
 def source_identity(spec: JobSpec) -> dict:
@@ -87,7 +110,7 @@ def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: flo
     """Build the data directory, or do nothing when the manifest says the inputs have not changed."""
     check_source(text_source(spec))
     tok_name, tok = tokenizer_for(spec)
-    settings, source = data_settings(spec, pretrained.tokenizer_fingerprint(tok)), source_identity(spec)
+    settings, source = data_settings(spec, tok), source_identity(spec)
     expected = input_hash(settings, source)
     if not force and manifest_is_current(paths, expected):
         log.info("prepare: inputs unchanged since %s, nothing to do (%s)", read_manifest(paths)["created"],
@@ -104,13 +127,13 @@ def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: flo
         text_shards = _write_text_shards(all_docs, offsets, split_order, spec.data.shards, build / text_dir)
         all_docs.unlink()
         t_text = time.perf_counter() - t0
-        separator = _separator_ids(tok, spec.data.join)
+        boundaries = document_boundaries(tok, settings["join"])
         dtype = token_dtype(len(tok))
-        tokenise = functools.partial(tokenise_shard, build=build, tok_name=tok_name, separator=separator,
+        tokenise = functools.partial(tokenise_shard, build=build, tok_name=tok_name, boundaries=boundaries,
                                      block_size=spec.data.block_size, dtype=dtype.str, token_dir=str(token_dir))
         token_stats = _tokenise_all(text_shards, tokenise, spec.data.workers, interval_s)
         manifest = _manifest(spec, tok, tok_name, expected, settings, source, counts, split_order, text_shards,
-                             token_stats, separator, dtype, t_text, time.perf_counter() - t0)
+                             token_stats, boundaries, dtype, t_text, time.perf_counter() - t0)
         (build / paths.manifest.name).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
     log.info("prepare: %d rows read, %d dropped, %d train / %d valid documents, %d / %d blocks of %d tokens "
              "in %.1fs", counts["rows_read"], counts["rows_dropped"], manifest["splits"]["train"]["documents"],
@@ -181,14 +204,6 @@ def _write_text_shards(all_docs: Path, offsets: np.ndarray, split_order, n_shard
     return shards
 
 
-def _separator_ids(tok, join: str) -> list[int]:
-    if join == "eos":
-        if tok.eos_token_id is None:
-            raise DataError("data.join: eos, but the tokenizer has no end-of-text token; use data.join: newline")
-        return [tok.eos_token_id]
-    return tok("\n", add_special_tokens=False)["input_ids"]
-
-
 IN_PROCESS_TEXT_BYTES = 16e6  # below this, starting tokenising processes costs more than it saves
 
 
@@ -215,22 +230,23 @@ def _tokenise_all(text_shards, tokenise, workers, interval_s):
     return results
 
 
-def tokenise_shard(shard: dict, build: Path, tok_name: str, separator: list[int], block_size: int,
-                   dtype: str, token_dir: str) -> dict:
-    """One text shard -> one token shard. Runs in a worker process; documents are joined by `separator`
-    and the stream is cut into blocks of block_size, the tail shorter than a block dropped (as the
-    original run's TextDataset did)."""
+def tokenise_shard(shard: dict, build: Path, tok_name: str, boundaries: tuple[list[int], list[int]],
+                   block_size: int, dtype: str, token_dir: str) -> dict:
+    """One text shard -> one token shard. Runs in a worker process; each document is put between
+    `boundaries` (document_boundaries) and the stream is cut into blocks of block_size, the tail shorter
+    than a block dropped (as the original run's TextDataset did)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per shard already uses every core
     tok = pretrained.load_tokenizer(tok_name)
     # The Rust tokenizer directly: skips the Python BatchEncoding wrapper, and encode_batch_fast skips
     # character offsets we never use (about 30% faster than tok(batch) on one core).
     backend = tok.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    prefix, suffix = boundaries
     pieces, batch = [], []
 
     def flush():
         encodings = encode(batch, add_special_tokens=False)
-        pieces.append(np.fromiter(itertools.chain.from_iterable(e.ids + separator for e in encodings), np.int64))
+        pieces.append(np.fromiter(itertools.chain.from_iterable(prefix + e.ids + suffix for e in encodings), np.int64))
         batch.clear()
 
     with open(build / shard["text"], encoding="utf-8") as f:
@@ -251,7 +267,7 @@ def tokenise_shard(shard: dict, build: Path, tok_name: str, separator: list[int]
 
 
 def _manifest(spec, tok, tok_name, expected, settings, source, counts, split_order, text_shards, token_stats,
-              separator, dtype, t_text, t_total):
+              boundaries, dtype, t_text, t_total):
     splits = {}
     for split in SPLITS:
         shards = [{**s, **token_stats[(split, s["text"])]} for s in text_shards[split]]
@@ -262,8 +278,9 @@ def _manifest(spec, tok, tok_name, expected, settings, source, counts, split_ord
         "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "input_hash": expected,
         "source": text_source(spec).describe(), "settings": settings, "source_identity": source, **counts,
         "tokenizer": {"source": tok_name, "fingerprint": pretrained.tokenizer_fingerprint(tok),
-                      "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "separator": separator},
-        "block_size": spec.data.block_size, "dtype": dtype.name, "join": spec.data.join, "splits": splits,
+                      "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id,
+                      "document_prefix": boundaries[0], "document_suffix": boundaries[1]},
+        "block_size": spec.data.block_size, "dtype": dtype.name, "join": settings["join"], "splits": splits,
         "seconds": {"text": round(t_text, 3), "tokenise": round(t_total - t_text, 3), "total": round(t_total, 3)},
     }
 

@@ -58,21 +58,24 @@ def checkpoint_state_dict(path: Path) -> dict:
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def export_checkpoint(ckpt: Path, out: Path, spec, vocab_size: int | None, replace: bool = False) -> Path:
+def export_checkpoint(ckpt: Path, out: Path, spec, replace: bool = False) -> Path:
     """A checkpoint of this job -> a Hugging Face directory, without starting DeepSpeed."""
     problem = verify_checkpoint(ckpt)
     if problem is not None:
         raise BadInput(f"checkpoint {ckpt} is not complete ({problem})")
     if out.exists() and not replace:
         raise BadInput(f"{out} exists; choose another --out (nothing is overwritten)")
-    model = pretrained.load_model(spec.model, vocab_size)
+    tokenizer = pretrained.load_tokenizer(spec.model.tokenizer or spec.model.path)
+    model = pretrained.load_model(spec.model, tokenizer)
     missing, unexpected = model.load_state_dict(checkpoint_state_dict(ckpt), strict=False)
-    missing = [k for k in missing if not k.endswith("attn.bias") and k != "lm_head.weight"]
+    # Buffers (rotary frequencies, masks) are rebuilt by the model and a tied head is its embedding:
+    # only a missing trainable tensor means the checkpoint is of another model.
+    trainable = {name for name, _ in model.named_parameters()}
+    missing = [k for k in missing if k in trainable]
     if missing or unexpected:
         raise BadInput(f"checkpoint {ckpt} does not match the spec's model (missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]})")
     model.tie_weights()
-    tokenizer = pretrained.load_tokenizer(spec.model.tokenizer or spec.model.path)
     with writing(out, f"the export of {ckpt.name}"), atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -84,3 +84,36 @@ class MetricsLogger:
     def _peak_flops() -> float | None:
         name = torch.cuda.get_device_name()
         return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def count_state_bytes(engine_or_model, optimizer=None) -> dict[str, int]:
+    """Bytes of real tensors, the counterpart of StateBytes: parameters, master, gradients and optimizer
+    state, from a DeepSpeed engine or a model and its torch optimizer. Gradients are those held at the call
+    (call right after backward at an accumulation boundary; DeepSpeed frees ZeRO's after the step), the
+    optimizer state exists after the first step. For the worker to record beside the plan."""
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+    def storage(t) -> int:
+        return t.untyped_storage().data_ptr()
+
+    zo = getattr(engine_or_model, "optimizer", None) if optimizer is None else optimizer
+    model = getattr(engine_or_model, "module", engine_or_model)
+    inner = getattr(zo, "optimizer", zo)
+    out = {"parameters": 0, "master": 0, "gradients": 0, "optimizer_states": 0}
+    weights = list(getattr(zo, "bit16_groups_flat", None) or getattr(zo, "fp16_partitioned_groups_flat", None) or [])
+    if not weights:  # ZeRO 0: the model's own tensors (parameters() yields a tied weight once)
+        weights = [p.data for p in model.parameters()]
+    out["parameters"] = sum(nbytes(t) for t in weights)
+    shared = {storage(t) for t in weights if t.numel() and t.device.type != "meta"}
+    masters = list(getattr(zo, "single_partition_of_fp32_groups", None) or
+                   getattr(zo, "fp32_partitioned_groups_flat", None) or [])
+    masters += [t for group in getattr(zo, "fp32_groups", None) or [] for t in group]
+    out["master"] = sum(nbytes(t) for t in masters if not t.numel() or storage(t) not in shared)
+    averaged = getattr(zo, "averaged_gradients", None)
+    if averaged:
+        out["gradients"] = sum(nbytes(t) for v in averaged.values() if v is not None for t in v)
+    else:
+        out["gradients"] = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+    out["optimizer_states"] = sum(nbytes(v) for s in getattr(inner, "state", {}).values() for v in s.values())
+    return out

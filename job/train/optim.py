@@ -25,8 +25,11 @@ def build_optimizer(spec: JobSpec, model, cuda: bool):
         # What HF Trainer's optim="adafactor" builds, i.e. the original run's optimizer.
         return Adafactor(params, lr=t.lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          weight_decay=t.weight_decay)
-    # One optimizer story: torch's AdamW, with its fused CUDA kernel on GPU; nothing to compile.
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay, fused=cuda)
+    # One optimizer story: torch's AdamW, with its fused CUDA kernel on GPU; nothing to compile. With
+    # train.offload its tensors live in host memory, where torch's multi-tensor AdamW steps them
+    # (DeepSpeedCPUAdam would be faster there, but it is a compiled op the image does not build).
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
+                             fused=cuda and t.offload == "none")
 
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -50,6 +53,16 @@ def grad_accum_for(global_batch: int, world: int, micro_batch: int) -> int:
     return accum
 
 
+def offload_config(offload: str) -> dict:
+    """train.offload as DeepSpeed's zero_optimization keys (pinned host memory: faster copies to the GPU)."""
+    out = {}
+    if offload in ("optimizer", "all"):
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload == "all":
+        out["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return out
+
+
 def deepspeed_config(spec: JobSpec, precision: str, grad_accum: int, load_universal: bool = False) -> dict:
     t = spec.train
     return {
@@ -59,9 +72,12 @@ def deepspeed_config(spec: JobSpec, precision: str, grad_accum: int, load_univer
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "bf16": {"enabled": precision == "bf16"},
-        "zero_optimization": {"stage": t.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {"stage": t.zero_stage, "stage3_gather_16bit_weights_on_model_save": True,
+                              **offload_config(t.offload)},
         # Adafactor is not on DeepSpeed's tested list for ZeRO; it is a plain torch optimizer and works.
         "zero_allow_untested_optimizer": True,
+        # ZeRO-Offload with the job's own torch optimizer (see build_optimizer), not DeepSpeedCPUAdam.
+        "zero_force_ds_cpu_optimizer": False,
         # A checkpoint written by another number of processes is loaded from its universal form.
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,

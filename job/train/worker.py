@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import errors, faults, logs, pretrained
+from .. import architecture, errors, faults, logs, pretrained
 from .. import spec as spec_lib
 from ..data.prepare import open_split
 from ..data.schedule import EpochSchedule
@@ -33,7 +33,7 @@ from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, newest_co
 from .checkpoint import Checkpointer, trainer_state_of
 from .evaluate import Evaluator
 from .export import export_final
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, count_state_bytes
 from .optim import build_optimizer, build_scheduler, deepspeed_config, grad_accum_for, resolve_precision
 
 log = logging.getLogger("ftjob")
@@ -101,12 +101,12 @@ class Trainer:
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
 
         self.tokenizer = pretrained.load_tokenizer(self.spec.model.tokenizer or self.spec.model.path)
-        model = pretrained.load_model(self.spec.model, manifest["tokenizer"]["vocab_size"], t.dropout)
+        model = pretrained.load_model(self.spec.model, self.tokenizer, t.dropout)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
         self.n_params = sum(p.numel() for p in model.parameters())
-        flops_per_token = 6 * self.n_params + 12 * model.config.n_layer * model.config.n_embd * self.block_size
+        flops_per_token = architecture.describe_model(model).flops_per_token(self.block_size)
         optimizer = build_optimizer(self.spec, model, self.cuda)
         scheduler = build_scheduler(self.spec, optimizer, self.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -132,6 +132,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.engine, paths, t.log_every, self.rank, flops_per_token,
                                      self.spec.report.tensorboard, self.cuda)
         self.stopped_early: str | None = None
+        self.state_bytes: dict | None = None  # counted at the first step (record_state_bytes)
 
     # ------------------------------------------------------------------ helpers
 
@@ -286,9 +287,21 @@ class Trainer:
                 loss = faults.poison(loss, self.step)
                 faults.delay("step")
             self.engine.backward(loss * mb.weight)
+            if self.state_bytes is None and self.engine.is_gradient_accumulation_boundary():
+                self.state_bytes = {"gradients": count_state_bytes(self.engine)["gradients"]}
             self.engine.step()
             step_loss += loss.detach().float() * mb.weight
+        if self.state_bytes is not None and "parameters" not in self.state_bytes:
+            self.record_state_bytes()
         return step_loss / (self.world * self.grad_accum)
+
+    def record_state_bytes(self) -> None:
+        """Once per attempt, after its first step: what this rank really holds (parameters, master,
+        gradients after backward, optimizer states), in state.json beside the plan's figures."""
+        counted = count_state_bytes(self.engine)
+        self.state_bytes = {**counted, "gradients": self.state_bytes["gradients"], "rank": self.rank}
+        if self.rank == 0:
+            write_state(self.paths, state_bytes=self.state_bytes)
 
     def close_metrics(self, bar: Progress) -> str | None:
         """Log the window's metrics; returns what is wrong if a loss in it was not finite (fp16 skips such

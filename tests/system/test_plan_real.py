@@ -23,7 +23,7 @@ ODD = dict(vocab_size=101, n_positions=17, n_embd=6, n_layer=1, n_head=2)
 
 
 def check_state(records: list[dict], config: dict, world: int) -> None:
-    shape = plan.ModelShape.from_config(config)
+    shape = unit.arch(config)
     for m in records:
         st = plan.state_bytes(shape, m["precision"], m["stage"], m["optimizer"], world)
         want = {"master": st.master, "gradients": st.gradients, "optimizer_states": st.optimizer_states}
@@ -34,7 +34,7 @@ def check_state(records: list[dict], config: dict, world: int) -> None:
 
 
 def check_checkpoints(records: list[dict], config: dict, world: int) -> None:
-    shape = plan.ModelShape.from_config(config)
+    shape = unit.arch(config)
     for m in records:
         if not m.get("checkpoint_files"):
             continue  # other ranks: rank 0 lists the shared directory
@@ -63,4 +63,4 @@ def test_two_ranks_partition_and_pad():
     check_state(records, ODD, 2)
     check_checkpoints(records, ODD, 2)
     for stage in (1, 2):
-        assert plan.state_bytes(plan.ModelShape(**ODD), "fp32", stage, "adamw", 2).partition == 616  # 1232 / 2
+        assert plan.state_bytes(unit.arch(ODD), "fp32", stage, "adamw", 2).partition == 616  # 1232 / 2

@@ -40,6 +40,13 @@ def kill_in_save(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def stop_at(step: int, rank: int) -> None:
+    """SIGTERM to rank 0 right after optimizer step `stop_at_step`, as a scheduler's preemption would:
+    the run must checkpoint that step and exit 75."""
+    if rank == 0 and SETTINGS.get("stop_at_step") == step:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def trace_blocks(rank: int, step: int, indices) -> None:
     """Append the block indices this rank trained on, one line per micro-batch."""
     if TRACE_DIR:

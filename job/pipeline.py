@@ -162,10 +162,10 @@ def make_plan(spec: JobSpec, manifest: dict | None = None, node: NodeInfo | None
     logs.route_library_loggers()  # transformers is imported by now: its notices go to the log, not the console
 
     def activations(precision: str, device: str) -> dict:
-        return architecture.trace_activations(config, spec.train.micro_batch, spec.data.block_size, precision,
-                                              device, spec.model.attn_implementation)
+        return architecture.trace_cached(config, spec.train.micro_batch, spec.data.block_size, precision, device,
+                                         spec.model.attn_implementation)
 
-    return plan_lib.make_plan(architecture.describe(config), spec, manifest, activations=activations, data=data,
+    return plan_lib.make_plan(architecture.describe_cached(config), spec, manifest, activations=activations, data=data,
                               free_bytes=plan_lib.free_bytes_at(spec.output_dir), present_bytes=plan_lib.dir_bytes(paths.root),
                               tokenizer_bytes=tokenizer_bytes, tokenizer_vocab=len(tok), **figures)
 
@@ -180,6 +180,7 @@ def plan_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo) -> None:
     summary = {"basis": f"{estimate.device} x {estimate.world}, {estimate.precision}, ZeRO-{estimate.zero_stage}",
                "estimates": {"tokens_per_s": estimate.time.tokens_per_s if estimate.time else None,
                              "checkpoint_bytes": estimate.checkpoint.total,
+                             "state_bytes": sum(estimate.to_dict()["state_bytes"].values()),
                              "total_steps": estimate.steps.total_steps if estimate.steps else None,
                              "peak_gpu_gib": chosen.peak_bytes / 2**30 if estimate.device == "cuda" else None,
                              "peak_rss_mib": chosen.peak_bytes / 2**20 if estimate.device == "cpu" else None},

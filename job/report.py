@@ -32,7 +32,7 @@ def write_report(paths: RunPaths) -> Path:
     name = spec.name if spec else paths.root.name
     parts = [f"# {name}: {_outcome(state, (paths.samples / 'after.jsonl').exists())}", "",
              f"Run directory `{paths.root}`; report written {time.strftime('%Y-%m-%d %H:%M:%S %z')}.", "",
-             *_spec_section(spec, state), *_data_section(read_json(paths.manifest)),
+             *_spec_section(spec, state, read_json(paths.plan)), *_data_section(read_json(paths.manifest)),
              *_training_section(metrics, state), *_validation_section(evals, state, read_best(paths)),
              *_plan_section(read_json(paths.plan), measured_figures(paths, metrics)),
              "## Loss", "", "![loss](loss.png)", "",
@@ -95,7 +95,7 @@ def _outcome(state: dict, sampled_after: bool) -> str:
     return OUTCOME.get(stage) or f"in progress ({stage}{where})"
 
 
-def _spec_section(spec, state: dict) -> list[str]:
+def _spec_section(spec, state: dict, plan: dict | None = None) -> list[str]:
     if spec is None:
         return ["## Spec", "", "No readable spec.yaml in the run directory.", ""]
     d, t = spec.data, spec.train
@@ -109,6 +109,9 @@ def _spec_section(spec, state: dict) -> list[str]:
     if state.get("total_steps"):
         length += f", {state['total_steps']:,} optimizer steps"
     model = f"`{spec.model.path}`" + (" (fresh weights from model.from_config)" if spec.model.from_config else "")
+    described = (((plan or {}).get("plan") or {}).get("model") or {}).get("describe")
+    if described:
+        model += f": {described}"
     rows = [("model", model),
             ("data", f"`{d.database}`, {source}" + (f", first {d.limit:,} rows" if d.limit else "")),
             ("block size", f"{d.block_size} tokens"), ("batch", batch),
@@ -202,6 +205,7 @@ def _plan_section(plan: dict | None, got: dict) -> list[str]:
     rows = []
     for label, key, got_key, fmt in (("tokens/s", "tokens_per_s", "tokens_per_s", lambda v: f"{v:,.0f}"),
                                      ("checkpoint size", "checkpoint_bytes", "checkpoint_bytes", megabytes),
+                                     ("model state per process", "state_bytes", "state_bytes", megabytes),
                                      ("peak GPU memory", "peak_gpu_gib", "peak_gpu_gib", lambda v: f"{v:.2f} GiB"),
                                      ("peak worker memory (RSS)", "peak_rss_mib", "peak_rss_mib",
                                       lambda v: f"{v:,.0f} MiB")):

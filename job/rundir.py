@@ -321,9 +321,11 @@ def measured_figures(paths: RunPaths, metrics: list[dict] | None = None) -> dict
     gpu = [m["peak_mem_gib"] for m in metrics if m.get("peak_mem_gib") is not None]
     rss = [m["peak_rss_mib"] for m in metrics if m.get("peak_rss_mib") is not None]
     ckpt = newest_checkpoint_info(paths)
+    counted = read_state(paths).get("state_bytes") or {}  # the worker's count at its first step (rank 0)
     return {"peak_gpu_gib": max(gpu) if gpu else None, "peak_rss_mib": max(rss) if rss else None,
             "tokens_per_s": sum(recent) / len(recent) if recent else None,
-            "checkpoint_bytes": ckpt["bytes"] if ckpt else None}
+            "checkpoint_bytes": ckpt["bytes"] if ckpt else None,
+            "state_bytes": sum(v for k, v in counted.items() if k != "rank") or None}
 
 
 def read_best(paths: RunPaths) -> dict | None:

@@ -46,7 +46,9 @@ def status_text(run_dir: Path | str, now: float | None = None) -> str:
     s = collect_status(run_dir)
     now = now or time.time()
     state = s["state"]
+    model = ((s["plan"] or {}).get("plan") or {}).get("model", {}).get("describe")
     rows = [("run", s["run_dir"]),
+            ("model", model or "not planned yet (plan.json is written before training)"),
             ("stage", _stage(state, s["held"])),
             ("step", _progress(state)),
             ("epoch", _num(state.get("epoch"), ".2f")),
@@ -78,6 +80,8 @@ def _plan_rows(plan: dict, got: dict) -> list[tuple[str, str]]:
     est = plan.get("estimates", plan)
     rows = [("tokens/s", pair(est.get("tokens_per_s"), got["tokens_per_s"], lambda v: f"{v:,.0f}")),
             ("checkpoint size", pair(est.get("checkpoint_bytes"), got["checkpoint_bytes"], megabytes))]
+    if est.get("state_bytes") is not None:
+        rows.append(("model state per process", pair(est.get("state_bytes"), got["state_bytes"], megabytes)))
     if est.get("peak_gpu_gib") is not None or got["peak_gpu_gib"] is not None:
         rows.append(("peak GPU memory", pair(est.get("peak_gpu_gib"), got["peak_gpu_gib"], lambda v: f"{v:.2f} GiB")))
     if est.get("peak_rss_mib") is not None:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ os.environ.setdefault("FTJOB_PROGRESS", "log")
 # The pytest workers share the machine's cores: one thread per process. Torch's default (a thread per core)
 # makes OpenMP threads spin against the other workers' processes: a quarter more CPU time for the same runs.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The plan's model descriptions (job/architecture.py's cache) start cold in every test session, away from ~.
+os.environ.setdefault("FTJOB_CACHE_DIR", tempfile.mkdtemp(prefix="ftjob-test-cache-"))
 
 
 @dataclass

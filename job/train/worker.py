@@ -240,6 +240,8 @@ class Trainer:
             self.metrics.add(step_loss, self.schedule.blocks_in_step(self.step) * self.block_size)
             self.tokens += self.schedule.blocks_in_step(self.step) * self.block_size
             self.step += 1
+            if faults.ACTIVE:
+                faults.stop_at(self.step, self.rank)
             bar.update(1)
             last = self.step == self.total_steps
             skipped_in_row = 0 if self.engine.was_step_applied() else skipped_in_row + 1

@@ -1,0 +1,77 @@
+"""Tiny random models of several families, saved as a user's checkpoint directory would be: a config of
+the family (`AutoConfig.for_model`), random weights (`save_pretrained`), and a tokenizer that keeps the
+family's BOS/EOS/pad conventions, built from the demo's byte-level BPE (trained on the demo corpus):
+
+| family   | BOS / EOS / pad                       | the tokenizer adds BOS by itself |
+|----------|---------------------------------------|----------------------------------|
+| gpt2     | <|endoftext|> is BOS and EOS, no pad   | no                               |
+| llama    | <s> / </s>, no pad                    | yes                              |
+| mistral  | <s> / </s>, no pad                    | yes                              |
+| gemma2   | <bos> / <eos> / <pad>                 | yes                              |
+| qwen2    | none / <|endoftext|> / <|endoftext|>  | no (and the embedding is 64 rows larger than the tokenizer, as Qwen pads it) |
+| phi3     | <s> / <|endoftext|> / <|endoftext|>   | no                               |
+| gpt_neox | <|endoftext|> is BOS and EOS, no pad   | no                               |
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=256)
+# family -> (bos, eos, pad, adds BOS, extra embedding rows, config fields besides TINY's)
+CONVENTIONS = {
+    "gpt2": ("<|endoftext|>", "<|endoftext|>", None, False, 0,
+             dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)),
+    "llama": ("<s>", "</s>", None, True, 0, TINY),
+    "mistral": ("<s>", "</s>", None, True, 0, dict(TINY, sliding_window=None)),
+    "gemma2": ("<bos>", "<eos>", "<pad>", True, 0, TINY),
+    "qwen2": (None, "<|endoftext|>", "<|endoftext|>", False, 64, dict(TINY, tie_word_embeddings=True)),
+    "phi3": ("<s>", "<|endoftext|>", "<|endoftext|>", False, 0, {k: v for k, v in TINY.items() if k != "head_dim"}),
+    "gpt_neox": ("<|endoftext|>", "<|endoftext|>", None, False, 0,
+                 {k: v for k, v in TINY.items() if k not in ("head_dim", "num_key_value_heads")}),
+}
+FAMILY_JOIN = {"gpt2": "newline", "llama": "bos_eos", "mistral": "bos_eos", "gemma2": "bos_eos", "qwen2": "eos",
+               "phi3": "eos", "gpt_neox": "eos"}  # what data.join: auto must pick for each (job/families.py)
+
+
+def family_tokenizer(family: str, demo_model: Path):
+    """The demo BPE with the family's special tokens, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos, pad, adds_bos, _, _ = CONVENTIONS[family]
+    tk = Tokenizer.from_file(str(demo_model / "tokenizer.json"))
+    tk.add_special_tokens([t for t in dict.fromkeys((bos, eos, pad)) if t])
+    if adds_bos:
+        template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                 special_tokens=[(bos, tk.token_to_id(bos))])
+        tk.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   model_max_length=256)
+
+
+def family_config(family: str, tokenizer, **fields):
+    """The family's tiny config: the tokenizer's vocabulary (plus Qwen-style padding rows) and its ids."""
+    from transformers import AutoConfig
+
+    _, _, _, _, extra_rows, base = CONVENTIONS[family]
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    return AutoConfig.for_model(family, vocab_size=len(tokenizer) + extra_rows, **ids, **dict(base, **fields))
+
+
+def write_family_model(family: str, directory: Path, demo_model: Path, weights: bool = True, seed: int = 0) -> Path:
+    """A checkpoint directory of the family (weights=False: config and tokenizer only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = family_tokenizer(family, demo_model)
+    tok.save_pretrained(directory)
+    config = family_config(family, tok)
+    if weights:
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    else:
+        config.save_pretrained(directory)
+    return directory

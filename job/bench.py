@@ -34,8 +34,10 @@ TRAIN_VARIANTS = {
 }
 
 
-def flops_per_token(shape: dict, n_params: int, block: int) -> float:
-    return 6 * n_params + 12 * shape["n_layer"] * shape["n_embd"] * block
+def flops_per_token(shape: dict, block: int) -> float:
+    from .architecture import describe
+
+    return describe(shape).flops_per_token(block)
 
 
 # ------------------------------------------------------------------ training variants (one per process)
@@ -122,14 +124,16 @@ def run_ftjob_variant(name: str, tiny: bool, warmup: int, steps: int) -> dict:
 def run_hf_trainer(name: str, tiny: bool, warmup: int, steps: int) -> dict:
     """HF Trainer with the original run's settings: fp16, Adafactor, cosine, 64 x 2 sequences of 64."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
     from transformers import default_data_collator
+
+    from .architecture import as_config
 
     block, micro, accum, _, _ = TRAIN_VARIANTS[name]
     if tiny:
         micro = max(1, micro // 16)
     shape = TINY if tiny else RUGPT3SMALL
-    model = GPT2LMHeadModel(GPT2Config(**shape))
+    model = AutoModelForCausalLM.from_config(as_config(shape))
     n = micro * accum * (warmup + steps + 2)
     data = [{"input_ids": x, "labels": x} for x in torch.randint(0, shape["vocab_size"], (n, block))]
     marks = {}
@@ -159,7 +163,7 @@ def _result(name, tokens, seconds, shape, n_params, block, extra) -> dict:
 
     tps = tokens / seconds
     out = {"variant": name, "tokens_per_s": round(tps), "block": block,
-           "mfu": round(tps * flops_per_token(shape, n_params, block) / PEAK_FLOPS, 4) if torch.cuda.is_available() else None,
+           "mfu": round(tps * flops_per_token(shape, block) / PEAK_FLOPS, 4) if torch.cuda.is_available() else None,
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     out.update(extra)

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory per GPU (default 80)")
     p.add_argument("--tokens-per-s", type=float, metavar="X", help="measured training speed, all GPUs together")
     p.add_argument("--json", action="store_true", help="the figures as JSON")
+    p = command("smoke", "the spec end to end at toy size on CPU: train, stop, resume, export, plan (CI)")
+    p.add_argument("--rows", type=int, default=2000, help="read the first N rows (default 2000)")
+    p.add_argument("--database", type=Path, metavar="FIXTURE.sqlite",
+                   help="a small database of the same schema instead of the spec's")
+    p.add_argument("--out", type=Path, default=Path("ftjob-smoke"),
+                   help="scratch directory (default: ./ftjob-smoke); the spec's output_dir is never touched")
+    p.add_argument("--gpus", type=int, help="GPUs for the real-size plan (default: the spec's)")
     p = command("prepare", "SQLite -> text shards -> token shards + manifest")
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs have not changed")
     command("train", "launch DeepSpeed training on prepared data (resumes automatically)")
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def dispatch(args) -> int:
-    from . import pipeline
+    from . import pipeline, smoke
 
     spec_args = (args.spec, args.overrides) if hasattr(args, "spec") else ()
     commands = {
@@ -75,6 +82,8 @@ def dispatch(args) -> int:
         "plan": lambda: pipeline.plan(*spec_args, gpus=args.gpus, gpu_memory_gib=args.gpu_memory,
                                       tokens_per_s=args.tokens_per_s, as_json=args.json),
         "prepare": lambda: pipeline.prepare(*spec_args, force=args.force),
+        "smoke": lambda: smoke.smoke(*spec_args, rows=args.rows, database=args.database, out=args.out,
+                                     gpus=args.gpus),
         "train": lambda: pipeline.train(*spec_args, verbose=args.verbose),
         "generate": lambda: pipeline.generate(*spec_args, model_dir=args.model, name=args.name),
         "export": lambda: pipeline.export(*spec_args, checkpoint=args.checkpoint, out=args.out),

@@ -24,12 +24,14 @@ class Family:
     join: Optional[str] = None
     # Why fp16 is a poor choice for the family, where its authors said so; None: no known problem.
     fp16_problem: Optional[str] = None
+    # Config fields of the MLP's width besides the usual intermediate_size, which `ftjob smoke` shrinks too.
+    width_fields: tuple[str, ...] = ()
 
 
 _GEMMA_FP16 = "Gemma's activations exceed fp16's range (its authors train and run it in bf16)"
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("GPT-2", join="newline"),
+    "gpt2": Family("GPT-2", join="newline", width_fields=("n_inner",)),
     "llama": Family("Llama", join="bos_eos"),
     "mistral": Family("Mistral", join="bos_eos"),
     "mixtral": Family("Mixtral", join="bos_eos"),

@@ -47,6 +47,12 @@ def stop_at(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def resume_seed_offset() -> int:
+    """`reseed_on_resume=N`: a resumed run draws its data order and dropout from seed + N, a broken resume
+    that `ftjob smoke` and the tests must catch."""
+    return int(SETTINGS.get("reseed_on_resume", 0))
+
+
 def trace_blocks(rank: int, step: int, indices) -> None:
     """Append the block indices this rank trained on, one line per micro-batch."""
     if TRACE_DIR:

@@ -17,22 +17,25 @@ def generate_samples(model, tokenizer, gen: GenerationSpec, device=None, synced_
 
     was_training = model.training
     model.eval()
-    device = device or next(model.parameters()).device
+    device = torch.device(device or next(model.parameters()).device)
     records = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for i, prompt in enumerate(gen.prompts):
-        torch.manual_seed(gen.seed + i)
-        enc = tokenizer(prompt, return_tensors="pt").to(device)
-        # max_length counts the prompt (as in the original run); a prompt longer than that still gets
-        # a few new tokens rather than an error after hours of training.
-        max_length = max(gen.max_length, enc["input_ids"].shape[1] + 8)
-        with torch.no_grad():
-            out = model.generate(**enc, do_sample=gen.do_sample, num_beams=gen.num_beams,
-                                 temperature=gen.temperature if gen.do_sample else None,
-                                 top_p=gen.top_p if gen.do_sample else None, max_length=max_length,
-                                 num_return_sequences=gen.num_return_sequences, pad_token_id=pad,
-                                 synced_gpus=synced_gpus)
-        records.append({"prompt": prompt, "samples": tokenizer.batch_decode(out, skip_special_tokens=True)})
+    # Sampling seeds the RNG per prompt: the training run's RNG (dropout) is put back afterwards, so samples
+    # taken during training never change the steps that follow (a resumed run must reproduce them).
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        for i, prompt in enumerate(gen.prompts):
+            torch.manual_seed(gen.seed + i)
+            enc = tokenizer(prompt, return_tensors="pt").to(device)
+            # max_length counts the prompt (as in the original run); a prompt longer than that still gets
+            # a few new tokens rather than an error after hours of training.
+            max_length = max(gen.max_length, enc["input_ids"].shape[1] + 8)
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=gen.do_sample, num_beams=gen.num_beams,
+                                     temperature=gen.temperature if gen.do_sample else None,
+                                     top_p=gen.top_p if gen.do_sample else None, max_length=max_length,
+                                     num_return_sequences=gen.num_return_sequences, pad_token_id=pad,
+                                     synced_gpus=synced_gpus)
+            records.append({"prompt": prompt, "samples": tokenizer.batch_decode(out, skip_special_tokens=True)})
     model.train(was_training)
     return records
 

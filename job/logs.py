@@ -7,6 +7,7 @@ to the `ftjob` process, which applies the same rule line by line (console_wants)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -18,6 +19,8 @@ LIBRARY_LOGGERS = ("DeepSpeed", "transformers", "torch", "huggingface_hub", "acc
 
 _OWN_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ftjob ")
 _LIBRARY_ERROR = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ (ERROR|CRITICAL): |\[ERROR\]")
+# DeepSpeed's launcher logs a worker's exit 75 (a preemption checkpointed: ftjob says so itself) as an error.
+_PREEMPTED_WORKER = re.compile(r"sigkill_handler\].* exits with return code = 75$")
 _RAW_ERROR = re.compile(r"^(Traceback \(most recent call last\):|\w+(Error|Exception)\b|Fatal Python error|"
                         r"Segmentation fault|Killed)")
 
@@ -84,6 +87,26 @@ def route_library_loggers() -> None:
         hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in a batch log
 
 
+_quiet = [False]  # console_level above INFO: the workers' own lines stay in the log file too
+
+
+@contextlib.contextmanager
+def console_level(level: int):
+    """The console shows only records at `level` or above for a while (errors still show); the run's log
+    file keeps everything. For `ftjob smoke`, whose inner runs would otherwise print dozens of lines."""
+    handlers = [h for h in logging.getLogger().handlers if not isinstance(h, logging.FileHandler)]
+    before = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(level)
+    _quiet[0] = level > logging.INFO
+    try:
+        yield
+    finally:
+        for h, old in zip(handlers, before):
+            h.setLevel(old)
+        _quiet[0] = False
+
+
 def add_file(path: Path, rank: int | None = None) -> logging.Handler:
     """Everything, unfiltered, appended to the run's log file (kept across attempts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +130,7 @@ class WorkerOutputFilter:
         self.verbose, self.in_traceback = verbose, False
 
     def console_wants(self, line: str) -> bool:
-        if self.verbose or _OWN_LINE.match(line):
+        if self.verbose or (_OWN_LINE.match(line) and not _quiet[0]):
             return True
         if self.in_traceback:
             if not line.startswith((" ", "\t")):
@@ -116,4 +139,6 @@ class WorkerOutputFilter:
         if line.startswith("Traceback (most recent call last):"):
             self.in_traceback = True
             return True
+        if _PREEMPTED_WORKER.search(line.rstrip("\n")):
+            return False
         return bool(_LIBRARY_ERROR.search(line) or _RAW_ERROR.match(line))

@@ -165,8 +165,9 @@ def make_plan(spec: JobSpec, manifest: dict | None = None, node: NodeInfo | None
         return architecture.trace_cached(config, spec.train.micro_batch, spec.data.block_size, precision, device,
                                          spec.model.attn_implementation)
 
+    figures.setdefault("free_bytes", plan_lib.free_bytes_at(spec.output_dir))  # None: the volume is elsewhere
+    figures.setdefault("present_bytes", plan_lib.dir_bytes(paths.root))
     return plan_lib.make_plan(architecture.describe_cached(config), spec, manifest, activations=activations, data=data,
-                              free_bytes=plan_lib.free_bytes_at(spec.output_dir), present_bytes=plan_lib.dir_bytes(paths.root),
                               tokenizer_bytes=tokenizer_bytes, tokenizer_vocab=len(tok), **figures)
 
 

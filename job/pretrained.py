@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import BadInput
-from .families import DEFAULT_MODEL_TYPE
+from .families import DEFAULT_MODEL_TYPE, family
 
 
 def resolve_model_dir(name: str, key: str = "model.path") -> Path:
@@ -120,6 +120,33 @@ def fresh_config(fields: dict):
     return config
 
 
+TOY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16, "intermediate_size": 128}
+
+
+def toy_config(config) -> dict:
+    """`model.from_config` fields of the same family at toy size (`ftjob smoke`): 2 layers, width 64, 4
+    heads (grouped-query attention kept: 32 heads over 8 key-value heads become 4 over 1), MLP width 128;
+    the vocabulary, positions, tie, attention kind, token ids and every other field as they are."""
+    from transformers import CONFIG_MAPPING
+
+    heads = int(config.num_attention_heads)
+    kv = getattr(config, "num_key_value_heads", None)
+    fields = {k: v for k, v in config.to_diff_dict().items() if k not in ("transformers_version", "architectures")}
+    cls = CONFIG_MAPPING[config.model_type]
+    names = set(cls().to_dict()) | set(cls.attribute_map)
+    for name, value in TOY.items():
+        if name in names and (name != "head_dim" or getattr(config, "head_dim", None)):
+            fields[cls.attribute_map.get(name, name)] = value
+    if kv:
+        fields["num_key_value_heads"] = max(1, TOY["num_attention_heads"] * int(kv) // heads)
+    for name in family(config.model_type).width_fields:
+        if fields.get(name):
+            fields[name] = TOY["intermediate_size"]
+    if isinstance(fields.get("layer_types"), list):  # one kind per layer (sliding / full attention)
+        fields["layer_types"] = fields["layer_types"][: TOY["num_hidden_layers"]]
+    return fields
+
+
 def training_config(spec_model, tokenizer, dropout: float | None = None):
     """The config exactly as the workers build the model from it (the plan describes the same one): a
     fresh model's vocabulary grown to the tokenizer's and its special tokens taken from it; train.dropout
@@ -176,12 +203,15 @@ def _check_safetensors_size(path: Path) -> None:
 
 def load_model(spec_model, tokenizer, dropout: float | None = None):
     """The model to train: pretrained weights from `path`, or fresh weights from `from_config`, in fp32."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = training_config(spec_model, tokenizer, dropout)
     attention = {} if spec_model.attn_implementation == "auto" else {"attn_implementation": spec_model.attn_implementation}
     if spec_model.from_config is not None:
-        return AutoModelForCausalLM.from_config(config, **attention)
+        # fp32 whatever the config's dtype says (from_config would build a bf16 config's model in bf16):
+        # DeepSpeed casts to the training precision itself.
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **attention)
     directory = resolve_model_dir(spec_model.path)
     try:
         return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype="float32", **attention)

@@ -210,6 +210,8 @@ class Trainer:
                     p.unlink(missing_ok=True)
             return
         state = self.checkpointer.load(self.resume_from)
+        if faults.ACTIVE and faults.resume_seed_offset():
+            self.break_resume(faults.resume_seed_offset())
         self.step, self.tokens, self.attempt = state["step"], state["tokens"], state.get("attempt", 1) + 1
         self.rollbacks = state.get("rollbacks", 0)
         self.last_eval_step = state.get("last_eval_step", -1)
@@ -221,6 +223,12 @@ class Trainer:
         if self.rank == 0:  # steps after the checkpoint will be trained again: drop their old records
             truncate_jsonl(self.paths.metrics, self.step)
             truncate_jsonl(self.paths.evals, self.step)
+
+    def break_resume(self, offset: int) -> None:
+        """Test-only (faults.resume_seed_offset): another data order and other dropout after the resume."""
+        t = self.spec.train
+        torch.manual_seed(t.seed + self.rank + offset)
+        self.schedule = EpochSchedule(len(self.train_store), self.world, t.micro_batch, self.grad_accum, t.seed + offset)
 
     def train_loop(self, bar: Progress) -> None:
         """Steps until total_steps, a preemption (Preempted) or a divergence (Diverged). Losses are checked

@@ -37,11 +37,12 @@ ALLOWED = {
     "job.data.": FILES | {"job.spec", "job.progress", "job.pretrained", "job.families", "job.data"},
     "job.train.": FILES | {"job.spec", "job.progress", "job.logs", "job.faults", "job.pretrained", "job.architecture",
                            "job.generate", "job.cluster", "job.data", "job.train"},
-    "job.bench": FILES | {"job.spec", "job.data", "job.train", "job.demo"},
+    "job.bench": FILES | {"job.spec", "job.architecture", "job.data", "job.train", "job.demo"},
     "job.pipeline": FILES | {"job.spec", "job.logs", "job.progress", "job.pretrained", "job.architecture",
                              "job.cluster", "job.data", "job.train", "job.generate", "job.report", "job.status",
                              "job.plan", "job.demo"},
-    "job.cli": {"job", "job.errors", "job.logs", "job.pipeline", "job.bench"},
+    "job.smoke": FILES | {"job.spec", "job.logs", "job.pretrained", "job.pipeline"},
+    "job.cli": {"job", "job.errors", "job.logs", "job.pipeline", "job.smoke", "job.bench"},
     "job": set(),
 }
 

@@ -6,7 +6,7 @@ samples before and after, exports a directory plain transformers loads as the sa
 generates from, and the plan made before training equals what the engine held (parameter, gradient and
 optimizer bytes) and is within 25% of the workers' peak RSS. Llama and Gemma 2 are also stopped and
 resumed (weights equal to the uninterrupted run's), and a Llama with no weights on disk trains from its
-config with ZeRO-3, offloading and gradient checkpointing."""
+config with ZeRO-3, offloading and gradient checkpointing, resuming on another number of processes."""
 from __future__ import annotations
 
 import json
@@ -57,6 +57,9 @@ def test_trains_samples_and_exports_what_transformers_loads(family_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from job.generate import samples_from_directory
+    from job.spec import GenerationSpec
+
     proc, run, family = family_run["proc"], family_run["run"], family_run["family"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rel in ("samples/before.jsonl", "samples/after.jsonl", "best/config.json", "eval.jsonl"):
@@ -71,6 +74,9 @@ def test_trains_samples_and_exports_what_transformers_loads(family_run):
     out = model.generate(**enc, max_new_tokens=4, do_sample=False,
                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     assert out.shape[1] == enc["input_ids"].shape[1] + 4
+    # `ftjob generate`'s path (a tokenizer without a pad token too: llama, mistral, gpt2, gpt_neox)
+    records = samples_from_directory(run / "final", GenerationSpec(prompts=["A child"], max_length=10), "cpu")
+    assert records[0]["samples"][0].startswith("A child") and len(records[0]["samples"][0]) > len("A child")
     # the exported weights are the trained ones, not the checkpoint we started from
     start = AutoModelForCausalLM.from_pretrained(family_run["model"])
     trained = dict(model.named_parameters())
@@ -134,10 +140,11 @@ def test_a_stopped_run_resumes_exactly(family_run, tmp_path):
     assert worst <= 1e-6, f"final weights differ from the uninterrupted run by {worst}"
 
 
-def test_llama_from_config_alone_with_zero3_offload_and_checkpointing(demo_assets, tmp_path):
+def test_llama_from_config_alone_with_zero3_offload_checkpointing_and_another_world_size(demo_assets, tmp_path):
     """`model.from_config` with model_type llama: no weights on disk, only the tokenizer. ZeRO-3 with its
-    parameters and optimizer offloaded, gradient checkpointing on. It trains, exports a Llama, plans the
-    fp32 master and optimizer states ZeRO-3 holds exactly, and `ftjob export` of its last
+    parameters and optimizer offloaded, gradient checkpointing on; stopped at step 3 on 2 processes and
+    resumed on 1 (the checkpoint converted to DeepSpeed's universal form). It finishes, exports a Llama,
+    plans the fp32 master and optimizer states ZeRO-3 holds exactly, and `ftjob export` of its last
     checkpoint (DeepSpeed's ZeRO-3 partitions merged) equals final/."""
     import yaml
     from transformers import AutoConfig
@@ -150,10 +157,14 @@ def test_llama_from_config_alone_with_zero3_offload_and_checkpointing(demo_asset
                        model__from_config=fields, train__zero_stage=3, train__offload="all",
                        train__gradient_checkpointing=True, train__dropout=None)
     run = tmp_path / "runs" / "llama-z3"
-    proc = run_ftjob("run", spec)
+    proc = run_ftjob("run", spec, env={"FTJOB_FAULTS": "stop_at_step=3"})
+    assert proc.returncode == errors.PREEMPTED, proc.stderr[-3000:]
+    proc = run_ftjob("run", spec, "--set", "resources.procs_per_node=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the number of processes changed since step-00000003: 2 -> 1" in proc.stderr
     assert AutoConfig.from_pretrained(run / "final").model_type == "llama"
     assert "gradient checkpointing on" in (run / "logs" / "ftjob.log").read_text()
+    assert [m["step"] for m in jsonl(run / "metrics.jsonl")] == list(range(1, 9))
     plan = json.loads((run / "plan.json").read_text())
     counted = run_state(run)["state_bytes"]
     # The fp32 master and the optimizer states, offloaded to host memory (ZeRO-3's parameters are a partition

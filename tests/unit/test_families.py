@@ -121,3 +121,19 @@ def test_the_readme_lists_each_family_join():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8").splitlines()
     rows = [f"| `{t}` | {name} | {join} |" for t, name, join in families.join_table()]
     assert [r for r in rows if r not in readme] == []
+
+
+def test_the_plan_names_bf16_for_a_family_that_overflows_in_fp16(tokenizers):
+    """precision auto on a GPU is fp16 (the original run); for Gemma 2 the plan says why that is risky and
+    names the setting to change (the run logs the same line before it launches)."""
+    from test_plan import job_spec, make_plan
+
+    manifest = {"block_size": 16, "tokenizer": {"vocab_size": 470},
+                "splits": {"train": {"documents": 9, "tokens": 0, "blocks": 640, "shards": []},
+                           "valid": {"documents": 1, "tokens": 0, "blocks": 64, "shards": []}}}
+    config = family_config("gemma2", tokenizers["gemma2"]).to_dict()
+    found = {f.code: f.message for f in make_plan(config, job_spec(), manifest, gpus=1).findings}
+    assert "Gemma" in found["fp16_overflow"] and "set train.precision: bf16" in found["fp16_overflow"]
+    assert "train.precision: auto trains in fp16 on GPUs" in found["fp16_overflow"]
+    bf16 = job_spec(precision="bf16")
+    assert "fp16_overflow" not in {f.code for f in make_plan(config, bf16, manifest, gpus=1).findings}

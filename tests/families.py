@@ -75,3 +75,47 @@ def write_family_model(family: str, directory: Path, demo_model: Path, weights: 
     else:
         config.save_pretrained(directory)
     return directory
+
+
+# ------------------------------------------------------------------ checks of a finished run, shared by the
+# family runs (tests/system/test_families.py) and the GPT-2 demo run (tests/system/test_e2e.py)
+
+
+def plan_equals_the_engine(run: Path, family_label: str) -> None:
+    """plan.json (made before training) against what rank 0 counted at its first step: parameters, fp32
+    master, gradients and optimizer states byte for byte; the workers' peak RSS within 25%; the model line
+    naming the family in the plan, `ftjob status` and the report."""
+    import json
+
+    from conftest import jsonl, run_ftjob, run_state
+
+    plan = json.loads((run / "plan.json").read_text())
+    counted = run_state(run)["state_bytes"]
+    assert plan["plan"]["state_bytes"] == {k: counted[k] for k in plan["plan"]["state_bytes"]}
+    rss = max(m["peak_rss_mib"] for m in jsonl(run / "metrics.jsonl"))
+    assert abs(plan["estimates"]["peak_rss_mib"] - rss) <= 0.25 * rss, (plan["estimates"]["peak_rss_mib"], rss)
+    described = plan["plan"]["model"]["describe"]
+    assert described.startswith(family_label), described
+    assert described in run_ftjob("status", run).stdout
+    assert described in (run / "report.md").read_text()
+
+
+def first_document_tokens_are_bounded(run: Path, model_dir: Path, join: str) -> None:
+    """The manifest's join is `join`, and the first training block starts with the first document between
+    the boundaries that join gives (data/prepare.py document_boundaries), tokenised as transformers does."""
+    import json
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    assert manifest["join"] == join
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    shard = manifest["splits"]["train"]["shards"][0]
+    header = 64  # job/data/shards.py
+    blocks = np.fromfile(run / "data" / shard["tokens"], dtype=manifest["dtype"], offset=header)
+    first_text = json.loads((run / "data" / shard["text"]).read_text().splitlines()[0])["text"]
+    first = tok(first_text, add_special_tokens=False)["input_ids"]
+    want = {"newline": first + tok("\n", add_special_tokens=False)["input_ids"],
+            "eos": first + [tok.eos_token_id], "bos_eos": [tok.bos_token_id] + first + [tok.eos_token_id]}[join]
+    assert blocks[: len(want)].tolist() == want

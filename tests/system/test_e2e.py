@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import jsonl, run_ftjob, write_spec
+from families import first_document_tokens_are_bounded, plan_equals_the_engine
 from job.data.schedule import EpochSchedule
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,13 @@ def test_the_plan_made_before_training_matches_the_run(demo_run):
     rss = max(m["peak_rss_mib"] for m in jsonl(run / "metrics.jsonl"))
     assert abs(plan["peak_rss_mib"] - rss) <= 0.25 * rss, (plan["peak_rss_mib"], rss)
     status = run_ftjob("status", run).stdout
-    assert "checkpoint size: plan" in status and "peak worker RSS: plan" in status
+    assert re.search(r"checkpoint size:\s+plan", status) and re.search(r"peak worker RSS:\s+plan", status)
+    plan_equals_the_engine(run, "GPT-2 (gpt2)")  # the model-family matrix's checks for GPT-2
+
+
+def test_documents_end_with_a_newline_as_the_original_run(demo_run, demo_assets):
+    """data.join: auto is GPT-2's newline (the original run's texts joined by newlines)."""
+    first_document_tokens_are_bounded(demo_run["run"], demo_assets.model, "newline")
 
 
 def test_validation_loss_falls_and_is_recorded_before_during_after(demo_run):
@@ -121,7 +128,9 @@ def test_every_parameter_is_trained(demo_run, demo_assets):
     from transformers import AutoModelForCausalLM
 
     before = AutoModelForCausalLM.from_pretrained(demo_assets.model).state_dict()
-    after = AutoModelForCausalLM.from_pretrained(demo_run["run"] / "final").state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(demo_run["run"] / "final")
+    assert exported.config.model_type == "gpt2"
+    after = exported.state_dict()
     assert before.keys() == after.keys()
     unchanged = [k for k in before if before[k].is_floating_point() and "attn.bias" not in k
                  and torch.equal(before[k], after[k])]

@@ -1,5 +1,6 @@
 """Every model family the README names, through the real `ftjob run` (DeepSpeed's launcher, two CPU
-workers, ZeRO-1): tiny random models of gpt2, llama, qwen2, mistral, gemma2, phi3 and gpt_neox saved as a
+workers, ZeRO-1): tiny random models of llama, qwen2, mistral, gemma2, phi3 and gpt_neox (gpt2: the demo
+run of test_e2e.py, with the same checks) saved as a
 user's checkpoint (tests/families.py), each with a tokenizer that keeps the family's BOS/EOS/pad habits.
 One run per family carries every check of it: it prepares with the family's document boundaries, trains,
 samples before and after, exports a directory plain transformers loads as the same model_type and
@@ -15,14 +16,15 @@ from pathlib import Path
 import pytest
 
 from conftest import jsonl, run_ftjob, run_state, weights, write_spec
-from families import FAMILY_JOIN, write_family_model
+from families import FAMILY_JOIN, first_document_tokens_are_bounded, plan_equals_the_engine, write_family_model
 from job import errors
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "gemma2", "phi3", "gpt_neox"]
+# GPT-2 is tests/system/test_e2e.py's demo run, which makes the same checks.
+FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "phi3", "gpt_neox"]
 RESUMED = ["llama", "gemma2"]
-NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gemma2": "Gemma 2",
+NAMES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gemma2": "Gemma 2",
          "phi3": "Phi-3", "gpt_neox": "GPT-NeoX"}
 
 
@@ -83,39 +85,14 @@ def test_trains_samples_and_exports_what_transformers_loads(family_run):
     assert all(not torch.equal(p, trained[n]) for n, p in start.named_parameters())
 
 
-def test_plan_equals_the_engine_and_names_the_family(family_run):
-    """plan.json (made before training) against what rank 0 counted at its first step: parameters, fp32
-    master, gradients and optimizer states byte for byte; the workers' peak RSS within 25%."""
-    run = family_run["run"]
-    assert family_run["proc"].returncode == 0
-    plan = json.loads((run / "plan.json").read_text())
-    counted = run_state(run)["state_bytes"]
-    assert plan["plan"]["state_bytes"] == {k: counted[k] for k in plan["plan"]["state_bytes"]}
-    rss = max(m["peak_rss_mib"] for m in jsonl(run / "metrics.jsonl"))
-    assert abs(plan["estimates"]["peak_rss_mib"] - rss) <= 0.25 * rss, (plan["estimates"]["peak_rss_mib"], rss)
-    described = plan["plan"]["model"]["describe"]
-    assert described.startswith(f"{NAMES[family_run['family']]} ({family_run['family']})"), described
-    assert described in run_ftjob("status", run).stdout
-    assert described in (run / "report.md").read_text()
-
-
 def test_documents_start_and_end_as_the_family_expects(family_run):
     """data.join: auto picks the family's boundaries; the token stream holds them around each document."""
-    import numpy as np
-    from transformers import AutoTokenizer
+    first_document_tokens_are_bounded(family_run["run"], family_run["model"], FAMILY_JOIN[family_run["family"]])
 
-    family, run = family_run["family"], family_run["run"]
-    manifest = json.loads((run / "data" / "manifest.json").read_text())
-    assert manifest["join"] == FAMILY_JOIN[family]
-    tok = AutoTokenizer.from_pretrained(family_run["model"])
-    shard = manifest["splits"]["train"]["shards"][0]
-    header = 64  # job/data/shards.py
-    blocks = np.fromfile(run / "data" / shard["tokens"], dtype=manifest["dtype"], offset=header)
-    first_text = json.loads((run / "data" / shard["text"]).read_text().splitlines()[0])["text"]
-    first = tok(first_text, add_special_tokens=False)["input_ids"]
-    want = {"newline": first + tok("\n", add_special_tokens=False)["input_ids"],
-            "eos": first + [tok.eos_token_id], "bos_eos": [tok.bos_token_id] + first + [tok.eos_token_id]}[FAMILY_JOIN[family]]
-    assert blocks[: len(want)].tolist() == want
+
+def test_plan_equals_the_engine_and_names_the_family(family_run):
+    assert family_run["proc"].returncode == 0
+    plan_equals_the_engine(family_run["run"], f"{NAMES[family_run['family']]} ({family_run['family']})")
 
 
 def test_a_stopped_run_resumes_exactly(family_run, tmp_path):

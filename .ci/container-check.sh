@@ -4,13 +4,16 @@
 #
 #   1. a stand-in for the PyTorch base (.ci/standin-base.Containerfile: Debian 12, Python at /opt/conda,
 #      CPU torch), built once per machine and kept, keyed by a hash of its inputs;
-#   2. `podman build --from STAND-IN -f docker/Dockerfile` in the default OCI format, the pip steps given
-#      the host's CA bundle as the `pip-ca` build secret; no leftovers, no VOLUME;
-#   3. `--help`; the demo's assets made by root inside the image, then the demo as the image's user
-#      (uid 1000) with the image's mount points (/data and /models read-only, /cache/hf, /output): exit 0;
-#   4. with a read-only root file system (`--read-only`, /tmp a tmpfs, only the volumes writable):
-#      a run stopped with `podman stop` checkpoints and exits 75, and the same command resumes to exit 0;
-#   5. every file the runs wrote belongs to uid 1000 and is readable by group and others (umask 022).
+#   2. `podman build --from STAND-IN -f docker/Dockerfile` in the default (OCI) format, its pip steps given
+#      the host's CA bundle as the `pip-ca` build secret; no warning, no VOLUME, no build leftovers;
+#   3. `--help`; the demo's assets made by root inside the image; as the image's user (uid 1000) with the
+#      image's mount points (/data and /models read-only, /cache/hf, /output): a model file of mode 0600
+#      is refused with "permission denied", and the demo runs to exit 0;
+#   4. with a read-only root file system (`--read-only`, /tmp a tmpfs, only the mounts writable): a run
+#      stopped with `podman stop` checkpoints and exits 75, and the same command resumes to exit 0;
+#   5. every file the runs wrote belongs to uid 1000 and is readable by group and others (umask 022),
+#      and no podman volume was left behind.
+# It ends with a summary: build times, image sizes, each run's exit code and time.
 #
 # What the stand-in does not prove: the real base (Ubuntu, conda, the CUDA build of torch) and a GPU.
 # Needs root (podman's storage, uid 1000's output directory) and apt, PyPI and Debian's mirror.
@@ -90,7 +93,7 @@ build_standin() {
     key=$( { cat .ci/standin-base.Containerfile; echo "torch==$torch"; } | sha256sum | cut -c1-16)
     STANDIN=localhost/ftjob-ci/torch-standin:$key
     if podman image exists "$STANDIN"; then
-        say "stand-in base: $STANDIN (torch $torch, kept from an earlier run)"
+        STANDIN_HOW="kept from an earlier run (torch $torch)"
         return
     fi
     if ! podman image exists "$DEBIAN_IMAGE"; then
@@ -119,7 +122,7 @@ build_standin() {
     for old in $(podman images --format '{{.Repository}}:{{.Tag}}' --filter reference='localhost/ftjob-ci/torch-standin'); do
         [ "$old" = "$STANDIN" ] || podman rmi "$old" >/dev/null
     done
-    say "stand-in base: built $STANDIN (torch $torch)"
+    STANDIN_HOW="built (torch $torch)"
 }
 
 # ------------------------------------------------------------------ the image
@@ -148,7 +151,7 @@ check_image_contents() {
     leftovers=$(podman run --rm --network none --user 0 --entrypoint sh "$IMAGE" -c \
         'ls -A /tmp; find / -xdev \( -name "ftjob.egg-info" -o -path "*/ftjob-src" -o -path /opt/ftjob \) -print')
     [ -z "$leftovers" ] || fail "build leftovers in the image: $leftovers"
-    say "image: no VOLUME, no build leftovers (/tmp empty, no ftjob-src, build/ or ftjob.egg-info)"
+    SUMMARY+=("image: no VOLUME, no build leftovers (/tmp empty, no ftjob-src, build/ or ftjob.egg-info)")
 }
 
 # ------------------------------------------------------------------ running it
@@ -163,7 +166,7 @@ prepare_volumes() {
 }
 
 # The flags every run of the job shares: no network (the job is offline), /dev/shm for the workers,
-# the demo spec with its paths set to the mount points.
+# the image's mount points, and the demo spec with its paths set to them.
 job_flags=()
 job_args=()
 set_job_command() {
@@ -174,84 +177,120 @@ set_job_command() {
               --set model.path=/models/tiny-gpt2 --set output_dir=/output)
 }
 
+# The way a model saved by another uid used to fail (transformers writes model.safetensors 0600): as uid
+# 1000, a root-owned copy with that mode is refused in one line that says so.
+check_unreadable_model() {
+    local rc=0 out
+    cp -a "$WORK/assets/tiny-gpt2" "$WORK/assets/private-gpt2"
+    chmod 0600 "$WORK/assets/private-gpt2/model.safetensors"
+    out=$(podman run --rm "${job_flags[@]}" "$IMAGE" validate /etc/ftjob/spec.yaml \
+        --set data.database=/data/wikibooks-demo.sqlite --set model.path=/models/private-gpt2 \
+        --set output_dir=/output 2>&1) || rc=$?
+    rm -rf "$WORK/assets/private-gpt2"
+    echo "$out"
+    [ "$rc" -eq 2 ] || fail "an unreadable model: exit $rc, expected 2"
+    case $out in
+        *"permission denied: cannot read /models/private-gpt2/model.safetensors"*"as uid 1000"*) ;;
+        *) fail "an unreadable model: the message does not say permission denied, the file and uid 1000" ;;
+    esac
+    SUMMARY+=("unreadable model: exit 2, \"permission denied\" naming the file and uid 1000")
+}
+
 run_demo() {
-    local rc=0
+    local rc=0 start=$SECONDS
     podman run --rm "${job_flags[@]}" -v "$WORK/hf-cache:/cache/hf" "$IMAGE" "${job_args[@]}" \
         >"$WORK/demo.log" 2>&1 || rc=$?
     cat "$WORK/demo.log"
     [ "$rc" -eq 0 ] || fail "the demo exited $rc"
-    say "demo: exit 0"
+    SUMMARY+=("demo: exit 0 in $((SECONDS - start)) s; $(grep -o 'at step 0: validation loss [0-9.]*' "$WORK/demo.log" \
+        | sed 's/.*loss //') -> $(grep -o 'eval at step [0-9]*: validation loss [0-9.]*' "$WORK/demo.log" | tail -1 \
+        | sed 's/.*loss //') validation loss")
 }
 
 # `podman stop` = SIGTERM, then SIGKILL after -t seconds: the job must checkpoint and exit 75 in time.
+# Both runs with a read-only root file system: only the mounts and a tmpfs at /tmp are writable.
 stop_and_resume() {
     local readonly_flags=(--read-only --read-only-tmpfs=false --tmpfs "/tmp:rw,size=512m")
-    local args=("${job_args[@]}" --set name=stopped --set train.epochs=6)
-    local metrics=$WORK/runs/stopped/metrics.jsonl rc started
-    podman rm -f "$STOP_NAME" >/dev/null 2>&1 || true
+    local args=("${job_args[@]}" --set name=stopped --set train.epochs=4)
+    local metrics=$WORK/runs/stopped/metrics.jsonl rc start=$SECONDS
     podman run -d --name "$STOP_NAME" "${readonly_flags[@]}" "${job_flags[@]}" "$IMAGE" "${args[@]}" >/dev/null
-    started=$SECONDS
-    # Stop once training is under way: the first metrics record past step 10.
-    until [ -s "$metrics" ] && grep -q -E '"step": ([1-9][0-9]+)' "$metrics"; do
+    # Stop once training is under way: a metrics record at step 10 or later.
+    until [ -s "$metrics" ] && grep -q -E '"step": [1-9][0-9]+' "$metrics"; do
         if [ "$(podman inspect --format '{{.State.Running}}' "$STOP_NAME")" != true ]; then
-            podman logs "$STOP_NAME" | tail -30
-            fail "the run to be stopped ended before training (exit $(podman inspect --format '{{.State.ExitCode}}' "$STOP_NAME"))"
+            podman logs "$STOP_NAME" 2>&1 | tail -30
+            fail "the run to be stopped ended before training"
         fi
-        [ $((SECONDS - started)) -lt 300 ] || fail "no training step after 300 s"
+        [ $((SECONDS - start)) -lt 300 ] || fail "no training step after 300 s"
         sleep 1
     done
     podman stop -t 60 "$STOP_NAME" >/dev/null
     rc=$(podman inspect --format '{{.State.ExitCode}}' "$STOP_NAME")
     podman logs "$STOP_NAME" >"$WORK/stopped.log" 2>&1
     podman rm "$STOP_NAME" >/dev/null
-    tail -4 "$WORK/stopped.log"
+    tail -3 "$WORK/stopped.log"
     [ "$rc" -eq 75 ] || fail "podman stop: exit $rc, expected 75 (checkpoint, resumable)"
-    say "podman stop: exit 75 (read-only root file system)"
+    SUMMARY+=("podman stop -t 60: exit 75 after $((SECONDS - start)) s, $(grep -o 'preempted at step [0-9]*' "$WORK/stopped.log" \
+        | head -1); read-only root")
     rc=0
+    start=$SECONDS
     podman run --rm "${readonly_flags[@]}" "${job_flags[@]}" "$IMAGE" "${args[@]}" >"$WORK/resumed.log" 2>&1 || rc=$?
     cat "$WORK/resumed.log"
     [ "$rc" -eq 0 ] || fail "the resumed run exited $rc"
     grep -q "resumed from" "$WORK/resumed.log" || fail "the second run did not say it resumed from the checkpoint"
-    say "the same command resumed: exit 0 (read-only root file system)"
+    SUMMARY+=("the same command again: exit 0 in $((SECONDS - start)) s, $(grep -o 'resumed from [^ ]*' \
+        "$WORK/resumed.log" | head -1 | sed 's|/output/||'); read-only root")
 }
 
 # Everything the runs wrote: owned by the image's user, readable by the team (group and others: the
-# container's umask is 022). A file the job could not write elsewhere on the read-only root shows up
-# in the runs' logs as a failure ("Read-only file system").
+# container's umask is 022). A write the read-only root refused would be in the runs' logs.
 check_outputs() {
-    local wrong
-    wrong=$(find "$WORK/runs" -mindepth 1 \( ! -uid 1000 -o ! -gid 1000 \) -printf '%u:%g %p\n' | head -5)
-    [ -z "$wrong" ] || fail "not owned by uid 1000: $wrong"
-    wrong=$(find "$WORK/runs" -mindepth 1 \( -type f ! -perm -044 -o -type d ! -perm -055 \) -printf '%m %p\n' | head -5)
-    [ -z "$wrong" ] || fail "not readable by group and others: $wrong"
+    find "$WORK/runs" -mindepth 1 \( ! -uid 1000 -o ! -gid 1000 \) -printf '%u:%g %p\n' >"$WORK/wrong.txt"
+    [ ! -s "$WORK/wrong.txt" ] || { head -5 "$WORK/wrong.txt"; fail "not owned by uid 1000 (above)"; }
+    find "$WORK/runs" -mindepth 1 \( -type f ! -perm -044 -o -type d ! -perm -055 \) -printf '%m %p\n' >"$WORK/wrong.txt"
+    [ ! -s "$WORK/wrong.txt" ] || { head -5 "$WORK/wrong.txt"; fail "not readable by group and others (above)"; }
     if grep -l -i "read-only file system" "$WORK"/runs/*/logs/*.log; then
         fail "a write to the read-only root file system (log above)"
     fi
-    say "outputs: $(find "$WORK/runs" -type f | wc -l) files, all uid 1000, all group- and world-readable"
+    SUMMARY+=("outputs: $(find "$WORK/runs" -type f | wc -l) files, all uid 1000, all group- and world-readable")
 }
 
+cleanup() {
+    podman rm -f "$STOP_NAME" >/dev/null 2>&1 || true
+}
+
+SUMMARY=()
 main() {
     install_tools
     configure_podman
+    trap cleanup EXIT
+    cleanup
     say "podman $(podman version --format '{{.Client.Version}}'), runc, storage in $WORK"
-    timed "stand-in base" build_standin
     local start=$SECONDS
+    build_standin
+    SUMMARY+=("stand-in base: $STANDIN_HOW in $((SECONDS - start)) s, $(gigabytes "$STANDIN")")
+    start=$SECONDS
     build_image
-    say "image: $IMAGE built in $((SECONDS - start)) s, $(podman image inspect --format '{{.Size}}' "$IMAGE" \
-        | awk '{printf "%.2f GB", $1 / 1e9}') (stand-in base $(podman image inspect --format '{{.Size}}' \
-        "$STANDIN" | awk '{printf "%.2f GB", $1 / 1e9}'))"
+    SUMMARY+=("image: $IMAGE built in $((SECONDS - start)) s, $(gigabytes "$IMAGE")")
     check_image_contents
-    local volumes_before
+    local volumes_before help
     volumes_before=$(podman volume ls -q | wc -l)
-    podman run --rm --network none "$IMAGE" --help | head -3
-    say "--help: exit 0"
-    timed "demo assets (as root in the image)" prepare_volumes
+    help=$(podman run --rm --network none "$IMAGE" --help)
+    case $help in usage:\ ftjob*) ;; *) fail "--help printed no usage: $help" ;; esac
+    SUMMARY+=("--help: exit 0")
+    timed "demo assets (made by root in the image)" prepare_volumes
     set_job_command
-    timed "demo (uid 1000, /data and /models read-only)" run_demo
-    timed "stop and resume" stop_and_resume
+    check_unreadable_model
+    run_demo
+    stop_and_resume
     check_outputs
     [ "$(podman volume ls -q | wc -l)" -eq "$volumes_before" ] || fail "the runs left podman volumes behind"
+    say "summary"
+    printf '  %s\n' "${SUMMARY[@]}"
     say "passed in $((SECONDS - CHECK_START)) s"
+}
+
+gigabytes() {
+    podman image inspect --format '{{.Size}}' "$1" | awk '{printf "%.2f GB", $1 / 1e9}'
 }
 
 main "$@"

@@ -103,6 +103,7 @@ build_standin() {
         tar -C "$WORK/rootfs" -c . | podman import --quiet - "$DEBIAN_IMAGE" >/dev/null
         rm -rf "$WORK/rootfs"
     fi
+    say "building the stand-in base (log: $WORK/standin-build.log)"
     rm -rf "$WORK/standin-ctx"
     mkdir -p "$WORK/standin-ctx/wheels"
     # The torch CI installs (`make test`: pip install torch==X) and its dependencies, by the same pip
@@ -131,8 +132,13 @@ build_image() {
     local args=(--network host --from "$STANDIN" -f docker/Dockerfile -t "$IMAGE")
     # The host's CA bundle as the build secret: this machine reaches PyPI through a TLS-intercepting
     # proxy, as some sites do. A mirror, where the environment names one.
-    [ -s /etc/ssl/certs/ca-certificates.crt ] && args+=(--secret "id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt")
-    [ -n "${PIP_INDEX_URL:-}" ] && args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
+    if [ -s /etc/ssl/certs/ca-certificates.crt ]; then
+        args+=(--secret "id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt")
+    fi
+    if [ -n "${PIP_INDEX_URL:-}" ]; then
+        args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
+    fi
+    say "building docker/Dockerfile on $STANDIN (log: $WORK/build.log)"
     if ! podman build "${args[@]}" . >"$WORK/build.log" 2>&1; then
         tail -40 "$WORK/build.log"
         fail "podman build of docker/Dockerfile failed (log above)"

@@ -82,32 +82,29 @@ def modes(root):
             if not p.is_symlink()}
 
 
-def test_atomic_dir_gives_what_save_pretrained_wrote_the_umasks_modes(tmp_path, umask):
-    """transformers' save_pretrained writes model.safetensors 0600 whatever the umask (so exports, the
-    best model and the demo model would be unreadable by another uid); what atomic_dir puts in place has
-    the modes a plain write gets: 0644/0755 under umask 022, 0640/0750 under 027. An executable keeps x."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def test_atomic_dir_gives_what_was_written_the_umasks_modes(tmp_path, umask):
+    """What atomic_dir puts in place has the modes a plain write gets: 0644/0755 under umask 022,
+    0640/0750 under 027, an executable keeping its x bits; a file written 0600 whatever the umask (as
+    transformers' save_pretrained writes model.safetensors) included. Symlinks are not followed. The
+    real writers, in real runs: test_e2e.py (027) and test_resume.py (022)."""
     assert current_umask() == umask
+    outside = tmp_path / "outside"
+    outside.write_text("")
+    outside.chmod(0o600)
     with atomic_dir(tmp_path / "final") as tmp:
-        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)).save_pretrained(tmp)
-        assert (tmp / "model.safetensors").stat().st_mode & 0o777 == 0o600  # what the library did
+        (tmp / "config.json").write_text("{}")
+        fd = os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
         (tmp / "sub").mkdir(mode=0o700)
         (tmp / "sub" / "tool.py").write_text("")
-        (tmp / "sub" / "tool.py").chmod(0o744)  # as DeepSpeed copies zero_to_fp32.py
-        outside = tmp_path / "outside"
-        outside.write_text("")
-        outside.chmod(0o600)
-        (tmp / "link").symlink_to(outside)  # not followed: what it points at is not the export's
+        (tmp / "sub" / "tool.py").chmod(0o744)  # as DeepSpeed copies zero_to_fp32.py into a checkpoint
+        (tmp / "link").symlink_to(outside)
     f, d = oct(0o666 & ~umask), oct(0o777 & ~umask)
-    assert modes(tmp_path / "final") == {".": d, "config.json": f, "generation_config.json": f,
-                                         "model.safetensors": f, "sub": d, "sub/tool.py": d}
+    assert modes(tmp_path / "final") == {".": d, "config.json": f, "model.safetensors": f, "sub": d,
+                                         "sub/tool.py": d}
     assert outside.stat().st_mode & 0o777 == 0o600
-    single = tmp_path / "one"
-    single.write_text("x")
-    single.chmod(0o600)
-    apply_umask(single)
-    assert oct(single.stat().st_mode & 0o777) == f
+    apply_umask(outside)  # a single file
+    assert oct(outside.stat().st_mode & 0o777) == f
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):

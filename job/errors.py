@@ -85,7 +85,8 @@ def permission_denied(key: str, path, action: str = "read") -> BadInput:
                     if d.is_dir() and not os.access(d, os.X_OK, effective_ids=effective)), path)
     try:
         st = blocked.stat()
-        owner, as_owner = f"owner uid {st.st_uid}, gid {st.st_gid}, mode {stat.S_IMODE(st.st_mode):04o}", f"uid {st.st_uid}"
+        owner = f"owner uid {st.st_uid}, gid {st.st_gid}, mode {stat.S_IMODE(st.st_mode):04o}"
+        as_owner = f"uid {st.st_uid}"
         is_dir = stat.S_ISDIR(st.st_mode)
     except OSError:
         owner, as_owner, is_dir = "owner unknown", "its owner", False

@@ -73,9 +73,10 @@ def without_root_file_access() -> list[str]:
     return [setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}"]
 
 
-# (what is unreadable, the key the message names); each is a real file or directory made mode 000.
-UNREADABLE = [("spec", "spec file"), ("database", "data.database"), ("weights", "model.path"),
-              ("tokenizer", "model.tokenizer")]
+# (what is unreadable, the key the message names); each a real file made mode 000, or for "database-dir"
+# the database's directory made 0600 (listable, not enterable).
+UNREADABLE = [("spec", "spec file"), ("database", "data.database"), ("database-dir", "data.database"),
+              ("weights", "model.path"), ("tokenizer", "model.tokenizer")]
 
 
 @pytest.mark.parametrize("what,key", UNREADABLE, ids=[u[0] for u in UNREADABLE])
@@ -84,21 +85,29 @@ def test_unreadable_input_says_permission_denied_with_the_file_the_uid_and_the_f
     """EACCES on an input, through the real entrypoint: exit 2 and one line with "permission denied", the
     path, the uid the job runs as and a chmod that fixes it; not "not a readable safetensors file
     (FileNotFoundError ...)", which is what a model saved 0600 by another uid gave before."""
-    model, tokenizer = tmp_path / "model", tmp_path / "tokenizer"
+    model, tokenizer, data = tmp_path / "model", tmp_path / "tokenizer", tmp_path / "data"
     shutil.copytree(demo_assets.model, model)
     tokenizer.mkdir()
     shutil.copy(demo_assets.model / "tokenizer.json", tokenizer)
-    db = tmp_path / "db.sqlite"
+    data.mkdir()
+    db = data / "db.sqlite"
     shutil.copy(demo_assets.database, db)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(with_changes(demo_spec, {
         "output_dir": str(tmp_path / "runs"), "data.database": str(db), "model.path": str(model),
         "model.tokenizer": str(tokenizer)})))
-    target = {"spec": spec, "database": db, "weights": model / "model.safetensors",
-              "tokenizer": tokenizer / "tokenizer.json"}[what]
-    target.chmod(0)
-    proc = subprocess.run(without_root_file_access() + ftjob_command() + ["validate", str(spec)],
-                          capture_output=True, text=True, timeout=120)
-    line = assert_clean_error(proc, (f"{key}: permission denied", f"cannot read {target} ", "mode 0000",
-                                     f"as uid {os.geteuid()}", f"chmod a+r {target}"))
+    if what == "database-dir":
+        data.chmod(0o600)
+        expect = (f"cannot enter directory {data} ", "mode 0600", f"chmod a+x {data}")
+    else:
+        target = {"spec": spec, "database": db, "weights": model / "model.safetensors",
+                  "tokenizer": tokenizer / "tokenizer.json"}[what]
+        target.chmod(0)
+        expect = (f"cannot read {target} ", "mode 0000", f"chmod a+r {target}")
+    try:
+        proc = subprocess.run(without_root_file_access() + ftjob_command() + ["validate", str(spec)],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        data.chmod(0o755)  # so that pytest can remove it
+    line = assert_clean_error(proc, (f"{key}: permission denied", *expect, f"as uid {os.geteuid()}"))
     assert "FileNotFoundError" not in line and "not a readable" not in line

@@ -124,6 +124,12 @@ def main(argv=None) -> None:
     except errors.JobError as e:
         print(f"ftjob: error: {e}", file=sys.stderr)
         code = e.exit_code
+    except PermissionError as e:
+        if not e.filename:
+            raise
+        # An input or output path the checks above did not name: still one line, with the uid and the fix.
+        print(f"ftjob: error: {errors.permission_denied('', e.filename, 'open')}", file=sys.stderr)
+        code = errors.BAD_INPUT
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
             raise

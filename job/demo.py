@@ -10,6 +10,8 @@ import random
 import sqlite3
 from pathlib import Path
 
+from .rundir import apply_umask
+
 # A small grammar: enough structure that a 2-layer model's validation loss falls visibly in a minute.
 _SUBJECTS = ["the gardener", "a student", "the old teacher", "my neighbour", "the engineer", "a child",
              "the baker", "our captain", "the doctor", "a traveller"]
@@ -75,6 +77,7 @@ def write_tiny_model(path: Path, corpus_db: Path, table: str = "en", vocab_size:
     cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                      n_head=n_head, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     GPT2LMHeadModel(cfg).save_pretrained(path)
+    apply_umask(path)  # save_pretrained's model.safetensors is 0600: unreadable for the image's uid 1000
     return path
 
 

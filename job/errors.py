@@ -3,6 +3,9 @@
 The codes are part of the job's interface: Slurm scripts requeue on PREEMPTED and Kubernetes
 podFailurePolicy fails fast on BAD_INPUT, so they never change meaning.
 """
+import os
+import stat
+from pathlib import Path
 
 OK = 0
 FAILED = 1  # unexpected failure (a bug, a crashed worker); the traceback is in the log
@@ -69,6 +72,35 @@ class VolumeError(JobError):
 
     exit_code = VOLUME
 
+
+
+def permission_denied(key: str, path, action: str = "read") -> BadInput:
+    """EACCES on `path`: one line that names the file (or the directory on its way that may not be
+    entered), its owner and mode, the uid and gid the job runs as, and the fix. A container's user (uid
+    1000 in the image) is often not the owner of what a teammate or a root process put on a volume."""
+    path = Path(path)
+    uid, gid = os.geteuid(), os.getegid()
+    effective = os.access in os.supports_effective_ids
+    blocked = next((d for d in reversed(path.parents)
+                    if d.is_dir() and not os.access(d, os.X_OK, effective_ids=effective)), path)
+    try:
+        st = blocked.stat()
+        owner = f"owner uid {st.st_uid}, gid {st.st_gid}, mode {stat.S_IMODE(st.st_mode):04o}"
+        as_owner = f"uid {st.st_uid}"
+        is_dir = stat.S_ISDIR(st.st_mode)
+    except OSError:
+        owner, as_owner, is_dir = "owner unknown", "its owner", False
+    if blocked != path:
+        what, fix = f"cannot enter directory {blocked}", f"chmod a+x {blocked} (or chgrp {gid} and chmod g+x)"
+    elif action == "read":
+        what = f"cannot read {path}"
+        fix = (f"chmod -R a+rX {path} (or chgrp -R {gid} and chmod -R g+rX)" if is_dir else
+               f"chmod a+r {path} (or chgrp {gid} and chmod g+r)")
+    else:
+        what, fix = f"cannot {action} {path}", f"give uid {uid} access to it (chown or chmod)"
+    if as_owner != f"uid {uid}":
+        fix += f", or run the job as {as_owner}"
+    return BadInput(f"{key + ': ' if key else ''}permission denied: {what} ({owner}) as uid {uid} (gid {gid}); {fix}")
 
 
 def from_code(code: int, message: str) -> JobError:

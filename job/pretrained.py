@@ -11,27 +11,56 @@ import inspect
 import os
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, permission_denied
 from .families import DEFAULT_MODEL_TYPE, family
 
 
 def resolve_model_dir(name: str, key: str = "model.path") -> Path:
-    """A local directory for `name`: the path itself, or the cached snapshot of a Hub id."""
+    """A local directory for `name`: the path itself, or the cached snapshot of a Hub id; its files
+    readable by this user."""
     p = Path(name).expanduser()
-    if p.exists():
+    try:
+        exists = p.exists()
+    except PermissionError:
+        raise permission_denied(key, p) from None
+    if exists:
         if not p.is_dir():
             raise BadInput(f"{key}: {name} is a file; give the directory that holds config.json")
-        return p
+        return check_readable(p, key)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise BadInput(f"{key}: directory not found: {name}")
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(name, local_files_only=True))
+        snapshot = Path(snapshot_download(name, local_files_only=True))
     except Exception:
         cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise BadInput(f"{key}: {name!r} is not a local directory and is not in the local Hugging Face cache "
                        f"({cache}); download it where there is network (`hf download {name}`) and mount "
                        "that cache, or give a local path") from None
+    return check_readable(snapshot, key)
+
+
+# What transformers opens in a model directory (weights, configs, tokenizer files).
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
+
+
+def check_readable(directory: Path, key: str) -> Path:
+    """Open every model file in `directory`: a file this user may not read (a model saved by another uid
+    with mode 0600) is one line saying so, not a "no such file" or "not a tokenizer" from deep inside a
+    library."""
+    try:
+        names = sorted(os.listdir(directory))
+    except PermissionError:
+        raise permission_denied(key, directory) from None
+    for name in names:
+        f = directory / name
+        if name.endswith(MODEL_FILE_SUFFIXES) and f.is_file():
+            try:
+                with open(f, "rb"):
+                    pass
+            except PermissionError:
+                raise permission_denied(key, f) from None
+    return directory
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")

@@ -116,6 +116,34 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
         raise
 
 
+def current_umask() -> int:
+    """This process's umask, read from /proc without changing it: os.umask() can only read it by setting
+    it, which would race with other threads creating files."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the mode a plain open() or mkdir() gets under this process's
+    umask (0644 files and 0755 directories under 022, 0640/0750 under 027; executables keep their x bits).
+    Some writers ignore the umask: transformers' save_pretrained writes model.safetensors 0600 whatever it
+    is, and DeepSpeed copies its zero_to_fp32.py into checkpoints 0744; an export would be unreadable by a
+    teammate, an evaluation job or an inference server running as another uid on the same volume.
+    Symlinks are left alone."""
+    mask = current_umask()
+    root = Path(root)
+    for path in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def replace_dir(new: Path, final: Path) -> None:
     """Put the finished directory `new` in place of `final` with renames: a kill leaves one or the other."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -128,12 +156,14 @@ def replace_dir(new: Path, final: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(final: Path):
     """`with atomic_dir(out) as tmp:` build the directory in tmp; it replaces `out` only if the block
-    finishes, and a failure (a full volume included) removes the partial build."""
+    finishes, and a failure (a full volume included) removes the partial build. What the block wrote gets
+    the umask's modes (apply_umask) before it is put in place."""
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

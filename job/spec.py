@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import SpecError
+from .errors import SpecError, permission_denied
 
 
 def _number(value):
@@ -186,6 +186,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSp
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError("", f"spec file not found: {path}") from None
+    except PermissionError:
+        raise permission_denied("spec file", path) from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError("", f"cannot read spec file {path}: {e}") from None
     try:

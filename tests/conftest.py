@@ -38,10 +38,11 @@ def ftjob_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "job.cli"]
 
 
-def run_ftjob(*args, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_ftjob(*args, env: dict | None = None, timeout: float = 600, cwd: Path | None = None,
+              umask: int = -1) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(ftjob_command() + [str(a) for a in args], env=full_env, cwd=cwd, timeout=timeout,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, umask=umask)
 
 
 def write_spec(path: Path, base: dict, **sections) -> Path:
@@ -71,6 +72,19 @@ def run_state(run: Path) -> dict:
         return json.loads((run / "state.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def not_umask_modes(root: Path, umask: int) -> list[str]:
+    """Files and directories under `root` whose mode is not what a plain write gets under `umask` (0644 and
+    0755 under 022, 0640 and 0750 under 027; files with an x bit count as executables)."""
+    wrong = []
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o777
+        if mode != (0o777 if p.is_dir() or mode & 0o111 else 0o666) & ~umask:
+            wrong.append(f"{oct(mode)} {p.relative_to(root)}")
+    return wrong
 
 
 def weights(model_dir: Path) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import DataError
+from ..errors import DataError, permission_denied
 
 # What a user query may do: read tables and call functions. Anything else (writes, ATTACH, PRAGMA
 # that changes state, CREATE ...) is refused by SQLite itself before it runs.
@@ -38,13 +38,15 @@ def quote_identifier(name: str) -> str:
 
 def connect_readonly(database: str) -> sqlite3.Connection:
     path = Path(database)
-    if not path.exists():
-        raise DataError(f"data.database: file not found: {database}")
-    if path.is_dir():
-        raise DataError(f"data.database: {database} is a directory, not a SQLite file")
     try:
+        if not path.exists():
+            raise DataError(f"data.database: file not found: {database}")
+        if path.is_dir():
+            raise DataError(f"data.database: {database} is a directory, not a SQLite file")
         with open(path, "rb") as f:
             header = f.read(16)
+    except PermissionError:
+        raise permission_denied("data.database", path) from None
     except OSError as e:
         raise DataError(f"data.database: cannot read {database}: {e.strerror}") from None
     if header != b"SQLite format 3\x00":

@@ -24,7 +24,7 @@ import torch
 
 from .. import faults
 from ..errors import BadInput, VolumeError
-from ..rundir import (RunPaths, atomic_write, checkpoint_bytes, checkpoint_name, describe_volume,
+from ..rundir import (RunPaths, apply_umask, atomic_write, checkpoint_bytes, checkpoint_name, describe_volume,
                       looks_like_volume_failure, newest_complete, point_latest, prune_checkpoints, read_best,
                       read_marker, replace_dir, write_marker)
 
@@ -76,6 +76,7 @@ def to_universal(path: Path, optimizer: str, zero_stage: int) -> None:
         ds_to_universal(Namespace(input_folder=str(path / DS_TAG), output_folder=str(tmp), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
     (path / "latest_universal").unlink(missing_ok=True)
+    apply_umask(tmp)
     replace_dir(tmp, out)
     log.info("converted %s to a universal checkpoint for the new number of processes (%.1fs)", path.name,
              time.perf_counter() - t0)
@@ -131,6 +132,7 @@ class Checkpointer:
 
     def _complete(self, tmp: Path, final: Path, step: int, trainer_state: dict, t0: float) -> None:
         atomic_write(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1))
+        apply_umask(tmp)  # every rank's files: DeepSpeed's own, torch.save's
         marker = write_marker(tmp, step=step, tokens=trainer_state["tokens"], epoch=trainer_state["epoch"],
                               world_size=self.world, data=self.data_fingerprint)
         if final.exists():  # same step saved before (e.g. the final save after a periodic one)

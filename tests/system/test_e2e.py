@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import jsonl, run_ftjob, write_spec
+from conftest import jsonl, not_umask_modes, run_ftjob, write_spec
 from families import first_document_tokens_are_bounded, plan_equals_the_engine
 from job.data.schedule import EpochSchedule
 
@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_run(demo_assets, tmp_path_factory):
-    """The demo spec with greedy decoding (so samples can be compared exactly), blocks traced."""
+    """The demo spec with greedy decoding (so samples can be compared exactly), blocks traced; under umask
+    027 (a site that keeps results from other groups)."""
     import yaml
 
     tmp = tmp_path_factory.mktemp("e2e")
@@ -29,7 +30,7 @@ def demo_run(demo_assets, tmp_path_factory):
                       generation__num_beams=1)
     trace = tmp / "trace"
     trace.mkdir()
-    proc = run_ftjob("run", path, env={"FTJOB_TRACE_BLOCKS": str(trace)})
+    proc = run_ftjob("run", path, env={"FTJOB_TRACE_BLOCKS": str(trace)}, umask=0o027)
     return {"proc": proc, "run": tmp / "runs" / "demo", "spec": path, "trace": trace, "specdict": spec}
 
 
@@ -47,6 +48,15 @@ def test_run_succeeds_and_leaves_every_output(demo_run):
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert (run / "checkpoints" / latest / "COMPLETE.json").exists()
     assert json.loads((run / "state.json").read_text())["stage"] == "done"
+
+
+def test_every_file_the_run_wrote_has_the_modes_its_umask_gives(demo_run):
+    """Under umask 027 everything is 0640 (directories and executables 0750): the data, every checkpoint
+    (DeepSpeed's files, zero_to_fp32.py, the markers), final/ and best/ (transformers writes
+    model.safetensors 0600), samples, report, logs, state. (test_resume.py checks a run under 022.)"""
+    run = demo_run["run"]
+    assert (run / "best" / "model.safetensors").exists() and (run / "checkpoints" / "step-00000048").is_dir()
+    assert not_umask_modes(run, 0o027) == []
 
 
 def test_console_is_quiet_and_the_run_log_has_the_detail(demo_run):
@@ -186,8 +196,9 @@ def test_each_epoch_uses_every_block_exactly_once_across_ranks(demo_run):
 def test_export_of_the_last_checkpoint_equals_the_final_model(demo_run, tmp_path):
     from safetensors.torch import load_file
 
-    proc = run_ftjob("export", demo_run["spec"], "--out", tmp_path / "exported")
+    proc = run_ftjob("export", demo_run["spec"], "--out", tmp_path / "exported", umask=0o022)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not_umask_modes(tmp_path / "exported", 0o022) == []  # 0644 files, whatever transformers did
     a, b = load_file(tmp_path / "exported" / "model.safetensors"), load_file(demo_run["run"] / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert run_ftjob("export", demo_run["spec"], "--out", tmp_path / "exported").returncode == 2  # no overwrite

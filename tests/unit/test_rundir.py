@@ -13,9 +13,9 @@ import time
 import pytest
 
 from job.errors import RunLocked
-from job.rundir import (MARKER, RunLock, RunPaths, atomic_dir, atomic_write, complete_checkpoints,
-                        data_fingerprint, holder_info, newest_complete, prune_checkpoints, remove_partial_files,
-                        verify_checkpoint, write_marker)
+from job.rundir import (MARKER, RunLock, RunPaths, apply_umask, atomic_dir, atomic_write, complete_checkpoints,
+                        current_umask, data_fingerprint, holder_info, newest_complete, prune_checkpoints,
+                        remove_partial_files, verify_checkpoint, write_marker)
 
 
 def checkpoint(root, step, payload=b"weights", complete=True):
@@ -67,6 +67,44 @@ def test_atomic_write_and_dir_leave_the_old_or_the_new(tmp_path):
         (tmp / "config.json").write_text('{"new": 1}')
     assert (tmp_path / "final" / "config.json").read_text() == '{"new": 1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "state.json"]
+
+
+@pytest.fixture(params=[0o022, 0o027], ids=["umask-022", "umask-027"])
+def umask(request):
+    """The process umask for one test (pytest workers are processes of their own)."""
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def modes(root):
+    return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")]
+            if not p.is_symlink()}
+
+
+def test_atomic_dir_gives_what_was_written_the_umasks_modes(tmp_path, umask):
+    """What atomic_dir puts in place has the modes a plain write gets: 0644/0755 under umask 022,
+    0640/0750 under 027, an executable keeping its x bits; a file written 0600 whatever the umask (as
+    transformers' save_pretrained writes model.safetensors) included. Symlinks are not followed. The
+    real writers, in real runs: test_e2e.py (027) and test_resume.py (022)."""
+    assert current_umask() == umask
+    outside = tmp_path / "outside"
+    outside.write_text("")
+    outside.chmod(0o600)
+    with atomic_dir(tmp_path / "final") as tmp:
+        (tmp / "config.json").write_text("{}")
+        fd = os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "tool.py").write_text("")
+        (tmp / "sub" / "tool.py").chmod(0o744)  # as DeepSpeed copies zero_to_fp32.py into a checkpoint
+        (tmp / "link").symlink_to(outside)
+    f, d = oct(0o666 & ~umask), oct(0o777 & ~umask)
+    assert modes(tmp_path / "final") == {".": d, "config.json": f, "model.safetensors": f, "sub": d,
+                                         "sub/tool.py": d}
+    assert outside.stat().st_mode & 0o777 == 0o600
+    apply_umask(outside)  # a single file
+    assert oct(outside.stat().st_mode & 0o777) == f
 
 
 def test_a_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):

@@ -28,8 +28,9 @@ from ..data.schedule import EpochSchedule
 from ..data.shards import BlockStore
 from ..generate import generate_samples, log_samples, write_samples
 from ..progress import Progress
-from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, newest_complete, read_manifest,
-                      truncate_jsonl, write_state, append_jsonl)
+from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, failed_file, looks_like_volume_failure,
+                      newest_complete, read_manifest, truncate_jsonl, volume_error, write_state, append_jsonl)
+from . import lifeline
 from .checkpoint import Checkpointer, trainer_state_of
 from .evaluate import Evaluator
 from .export import export_final
@@ -75,8 +76,14 @@ class Trainer:
         if not self.cuda:
             _plain_gloo_on_cpu()
         _no_muon_kernels()
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
-                                   timeout=timedelta(seconds=r.collective_timeout_s))
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
+                                       timeout=timedelta(seconds=r.collective_timeout_s))
+        except RuntimeError as e:  # rank 0 binds the rendezvous port; another process may have taken it
+            if "EADDRINUSE" not in str(e):
+                raise
+            raise errors.PortTaken(f"port {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is in "
+                                   "use by another process") from None
         logs.route_library_loggers()
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         # The per-step "does anyone want to stop?" vote goes over gloo on a CPU tensor: over NCCL it
@@ -332,6 +339,8 @@ class Trainer:
         records = generate_samples(self.engine.module, self.tokenizer, self.spec.generation, self.device,
                                    synced_gpus=stage3 and self.world > 1)
         if self.rank == 0:
+            if faults.ACTIVE:
+                faults.delay("samples")
             write_samples(records, self.paths.samples, name, step=self.step, weights=weights)
             if name == "after":
                 log_samples(records, name)
@@ -422,6 +431,11 @@ def _a_peer_stopped(e: Exception) -> bool:
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
+def _report(e: errors.JobError, rank: int) -> None:
+    """The error as one line up the pipe: `ftjob` shows it as its own and exits with its code."""
+    sys.stderr.write(errors.WORKER_ERROR_PREFIX + json.dumps({"code": e.exit_code, "message": str(e), "rank": rank}) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m job.train.worker")
     parser.add_argument("--run-dir", required=True)
@@ -429,15 +443,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     logs.setup(rank, verbose=True)  # everything goes up the pipe; the `ftjob` process filters it
+    paths = RunPaths(Path(args.run_dir))
+    lifeline.tie_to_job(paths)
     try:
-        code = Trainer(RunPaths(Path(args.run_dir))).run()
+        code = Trainer(paths).run()
     except errors.JobError as e:
-        sys.stderr.write(errors.WORKER_ERROR_PREFIX + json.dumps({"code": e.exit_code, "message": str(e), "rank": rank}) + "\n")
+        _report(e, rank)
         code = e.exit_code
     except Exception as e:
         if _a_peer_stopped(e):  # the rank that stopped first says why; this is only the echo of it
             log.error("stopping: another rank stopped (%s)", str(e).splitlines()[0][:160])
             code = errors.PEER_LOST
+        elif looks_like_volume_failure(e, paths.root):  # any write: state, metrics, eval, samples, best, ...
+            failed = failed_file(e)
+            _report(volume_error(failed or paths.root, failed.name if failed else "the run's files", e, paths), rank)
+            code = errors.VOLUME
         else:
             log.exception("training failed")  # the "[rank N]" prefix says which rank, in a shared log
             code = errors.FAILED

@@ -112,9 +112,17 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise named(e, path)
         raise
+
+
+def named(e: OSError, path: Path) -> OSError:
+    """A failed write or flush names no file (only open does): the same error, naming the file written."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
 
 
 def replace_dir(new: Path, final: Path) -> None:
@@ -189,8 +197,11 @@ def write_state(paths: RunPaths, **fields) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise named(e, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:

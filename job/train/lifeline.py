@@ -9,21 +9,17 @@ process spawns it). SIGKILL, not a checkpoint: once `ftjob` is gone a rerun may 
 a worker must stop writing at once; the last complete checkpoint stays the one to resume from.
 
 A link set too late (its parent already gone) would never fire, so each side checks, after setting it,
-that its job is still its ancestor. A worker also holds the run directory's writers lock from its start
-(rundir.hold_writers), before that check: a rerun then either sees it and waits, or comes after a worker
-that finds its job gone and exits without writing.
+that its job is still its ancestor. From then on a worker lives no longer than its job; it then takes the
+run directory's writers lock (rundir.hold_writers), which a rerun waits for.
 """
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import signal
+import sys
 
 from .. import errors, faults
-from ..rundir import RunPaths, hold_writers
-
-log = logging.getLogger("ftjob")
 
 JOB_PID_ENV = "FTJOB_PARENT_PID"  # the `ftjob` process whose workers these are
 _PR_SET_PDEATHSIG = 1
@@ -49,19 +45,16 @@ def launcher_preexec(job_pid: int):
     return preexec
 
 
-def tie_to_job(paths: RunPaths) -> None:
-    """In a worker, before it writes anything: hold the writers lock, die with the launch process, and stop
-    here, without writing, if the `ftjob` process that started it is already gone."""
+def die_with_job() -> None:
+    """In a worker, first thing (before its imports, which take seconds): SIGKILL when the launch process
+    dies, and exit here, before writing anything, if the `ftjob` process that started it is already gone."""
     job_pid = int(os.environ.get(JOB_PID_ENV) or 0)
-    if not job_pid:
-        return  # not started by ftjob (a test, a benchmark): nothing to tie to
-    hold_writers(paths)
-    if faults.ACTIVE and faults.escapes_its_job():
-        return
+    if not job_pid or (faults.ACTIVE and faults.escapes_its_job()):
+        return  # not started by ftjob (a test, a benchmark), or a test's stand-in for a worker that escaped
     die_with_parent()
     if not _is_ancestor(job_pid):
-        log.error("stopping before writing anything: the ftjob process that started this worker (pid %d) is gone",
-                  job_pid)
+        sys.stderr.write(f"stopping before writing anything: the ftjob process that started this worker (pid "
+                         f"{job_pid}) is gone\n")
         os._exit(errors.FAILED)
 
 

@@ -8,6 +8,11 @@ evaluation and checkpoint steps.
 """
 from __future__ import annotations
 
+from . import lifeline
+
+if __name__ == "__main__":  # started by DeepSpeed's launch process: die with it from the start, not after
+    lifeline.die_with_job()  # the imports below (seconds), and stop here if the job is already gone
+
 import argparse
 import json
 import logging
@@ -28,9 +33,9 @@ from ..data.schedule import EpochSchedule
 from ..data.shards import BlockStore
 from ..generate import generate_samples, log_samples, write_samples
 from ..progress import Progress
-from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, failed_file, looks_like_volume_failure,
-                      newest_complete, read_manifest, truncate_jsonl, volume_error, write_state, append_jsonl)
-from . import lifeline
+from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, failed_file, hold_writers,
+                      looks_like_volume_failure, newest_complete, read_manifest, truncate_jsonl, volume_error,
+                      write_state, append_jsonl)
 from .checkpoint import Checkpointer, trainer_state_of
 from .evaluate import Evaluator
 from .export import export_final
@@ -444,7 +449,7 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", 0))
     logs.setup(rank, verbose=True)  # everything goes up the pipe; the `ftjob` process filters it
     paths = RunPaths(Path(args.run_dir))
-    lifeline.tie_to_job(paths)
+    hold_writers(paths)  # held until this process ends: the next job waits for it (rundir.RunLock)
     try:
         code = Trainer(paths).run()
     except errors.JobError as e:

@@ -1,7 +1,7 @@
 """The launcher and its workers die with the `ftjob` process that started them (job/train/lifeline.py), with
 real processes standing in for the three levels: "ftjob" starts a "launch process" in a session of its own
 with launcher_preexec, which starts a "worker" the way DeepSpeed's launch process does (a plain Popen,
-which closes every inherited fd); the worker calls tie_to_job. No torch: a second each."""
+which closes every inherited fd); the worker starts as job/train/worker.py does. No torch: a second each."""
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +22,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 WORKER = """
 import sys, time
 from pathlib import Path
-from job.rundir import RunPaths
-from job.train.lifeline import tie_to_job
-tie_to_job(RunPaths(Path(sys.argv[1])))
+from job.train.lifeline import die_with_job
+die_with_job()  # as job/train/worker.py starts
+from job.rundir import RunPaths, hold_writers
+hold_writers(RunPaths(Path(sys.argv[1])))
 Path(sys.argv[1], "written-by-worker").write_text("x")  # what a worker writes once it may
 time.sleep(600)
 """

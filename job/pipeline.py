@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 from . import cluster, errors, logs, pretrained
 from .cluster import NodeHeartbeat, NodeInfo, PeerWatch, node_info
 from .errors import BadInput, JobError
-from .rundir import (FINISHED, RunLock, RunPaths, Stage, atomic_dir, atomic_write, complete_checkpoints,
-                     describe_volume, newest_complete, read_best, read_manifest, read_state, remove_partial_files,
-                     verify_checkpoint, write_state, writing)
+from .rundir import (FINISHED, VOLUME_ERRNOS, RunLock, RunPaths, Stage, atomic_dir, atomic_write,
+                     complete_checkpoints, describe_volume, newest_complete, read_best, read_manifest, read_state,
+                     remove_partial_files, verify_checkpoint, volume_error_of, write_state, writing)
 
 if TYPE_CHECKING:
     from .spec import JobSpec
@@ -351,6 +351,11 @@ def _owner(spec: JobSpec, paths: RunPaths, restart: bool, node: NodeInfo | None 
         except errors.VolumeError:
             remove_partial_files(paths)  # what the workers could not clean up: nothing half-written stays
             raise
+        except OSError as e:  # any other write of this process (state, plan, ...): the same one line
+            if e.errno not in VOLUME_ERRNOS:
+                raise
+            remove_partial_files(paths)
+            raise volume_error_of(e, paths) from None
 
 
 @contextlib.contextmanager
@@ -513,12 +518,12 @@ def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo, verbose: bool = 
         write_state(paths, stage=Stage.TRAIN, nnodes=node.nnodes, procs_per_node=node.procs_per_node,
                     accelerator=node.accelerator)
     bar = progress_mode() == "bar"
-    for attempt in range(1, PORT_TRIES + 1):
+    for tries in range(1, PORT_TRIES + 1):
         launch = Launch(launcher_command(paths, node, verbose), worker_env(node, progress_events=bar), node,
                         paths.log_file(node.node_rank), verbose, watch,
                         on_tick=_report_when_evaluated(paths) if node.node_rank == 0 else None, bar=bar)
         code = launch.run()
-        if not _port_taken(launch) or launch.signalled or not node.port_is_ours or attempt == PORT_TRIES:
+        if not _port_taken(launch) or launch.signalled or not node.port_is_ours or tries == PORT_TRIES:
             break
         # free_port() only found a port free at that moment: another process bound it before rank 0 did.
         port = cluster.free_port()

@@ -372,10 +372,10 @@ class RunLock:
     holder, anywhere, gives RunLocked (exit 3).
 
     The holder's workers can outlive it for a moment (they die with it, but a process takes time to end),
-    so the lock also covers them: every process that writes into the run directory holds a shared flock on
-    <run>/.writers (hold_writers), and a new holder first takes it exclusively, waiting up to 3 heartbeats
-    for an earlier attempt's processes to exit (exit 3 naming them if they do not), before it writes
-    anything; it then keeps it shared, beside its own workers."""
+    so the lock also covers them: every worker holds a shared flock on <run>/.writers (hold_writers), and a
+    new holder first takes it exclusively, waiting up to 3 heartbeats for an earlier attempt's processes to
+    exit (exit 3 naming them if they do not), before it writes anything; it then keeps it shared, beside
+    its own workers."""
 
     STALE_AFTER = 3  # missed heartbeats
 
@@ -630,14 +630,16 @@ def volume_error(path: Path, what: str, exc: BaseException, paths: RunPaths | No
                        "space or move output_dir, then run again")
 
 
-def failed_file(exc: BaseException) -> Path | None:
-    """The file an OSError names, as the run knows it: atomic_write's `.state.json.tmp-123` is state.json."""
+def volume_error_of(exc: BaseException, paths: RunPaths) -> VolumeError:
+    """volume_error for an error raised by any write under the run directory, naming the file the error
+    names, as the run knows it (atomic_write's `.state.json.tmp-123` is state.json)."""
     name = getattr(exc, "filename", None)
     if not name:
-        return None
+        return volume_error(paths.root, "the run's files", exc, paths)
     path = Path(os.fsdecode(name))
     m = re.match(r"^\.(.+)\.tmp-\d+$", path.name)
-    return path.with_name(m.group(1)) if m else path
+    path = path.with_name(m.group(1)) if m else path
+    return volume_error(path, path.name, exc, paths)
 
 
 @contextlib.contextmanager

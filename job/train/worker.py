@@ -33,9 +33,8 @@ from ..data.schedule import EpochSchedule
 from ..data.shards import BlockStore
 from ..generate import generate_samples, log_samples, write_samples
 from ..progress import Progress
-from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, failed_file, hold_writers,
-                      looks_like_volume_failure, newest_complete, read_manifest, truncate_jsonl, volume_error,
-                      write_state, append_jsonl)
+from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, hold_writers, looks_like_volume_failure,
+                      newest_complete, read_manifest, truncate_jsonl, volume_error_of, write_state, append_jsonl)
 from .checkpoint import Checkpointer, trainer_state_of
 from .evaluate import Evaluator
 from .export import export_final
@@ -460,8 +459,7 @@ def main(argv=None) -> int:
             log.error("stopping: another rank stopped (%s)", str(e).splitlines()[0][:160])
             code = errors.PEER_LOST
         elif looks_like_volume_failure(e, paths.root):  # any write: state, metrics, eval, samples, best, ...
-            failed = failed_file(e)
-            _report(volume_error(failed or paths.root, failed.name if failed else "the run's files", e, paths), rank)
+            _report(volume_error_of(e, paths), rank)
             code = errors.VOLUME
         else:
             log.exception("training failed")  # the "[rank N]" prefix says which rank, in a shared log

@@ -196,3 +196,28 @@ def test_peer_watch_sees_a_failed_node_and_a_silent_one(tmp_path, monkeypatch):
     beats[1].record.update(exit_code=75)
     beats[1]._write()
     assert watch.problem() is None or "node 1" not in watch.problem()  # preempted, not failed
+
+
+def test_the_error_line_names_the_taken_port_and_other_nodes_only_when_there_are_some(tmp_path):
+    """What `ftjob` says when its launch ends badly (pipeline._training_outcome): a taken port with where it
+    came from; a worker lost on a one-node run without pointing at nodes that do not exist."""
+    from types import SimpleNamespace
+
+    from job.errors import PEER_LOST, PORT_TAKEN, JobError
+    from job.pipeline import _training_outcome
+
+    paths = RunPaths(tmp_path)
+    taken = SimpleNamespace(worker_error={"code": PORT_TAKEN, "rank": 0, "message": "port 29500 on head is in use "
+                                          "by another process"}, peer_problem=None, signalled=0)
+    given = NodeInfo(2, 0, "head", 29500, 2, "cpu", "MASTER_PORT")
+    with pytest.raises(JobError, match=r"^port 29500 on head is in use by another process \(the port came from "
+                                       r"MASTER_PORT\); set MASTER_PORT to a free port") as e:
+        _training_outcome(paths, given, taken, PORT_TAKEN, None)
+    assert e.value.exit_code == 1
+
+    lost = SimpleNamespace(worker_error=None, peer_problem=None, signalled=0)
+    with pytest.raises(JobError) as e:
+        _training_outcome(paths, NodeInfo(1, 0, "127.0.0.1", 1, 2, "cpu"), lost, PEER_LOST, None)
+    assert "nodes" not in str(e.value).replace(str(tmp_path), "") and str(paths.log_file(0)) in str(e.value)
+    with pytest.raises(JobError, match="see the other nodes' logs"):
+        _training_outcome(paths, NodeInfo(2, 1, "head", 1, 2, "cpu"), lost, PEER_LOST, None)

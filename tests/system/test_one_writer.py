@@ -187,9 +187,11 @@ def test_six_kill_9s_of_the_job_then_a_full_volume_twice_and_the_run_ends_as_if_
             proc, trace = attempts.start("orphan=1,delay_step=600")
             wait_until(lambda: traced_step(trace) >= start, 300, "the first step")
             time.sleep(rng.uniform(0, 1))
+        at_kill = traced_step(trace)
         attempts.kill_9(proc)
         if kind != "kept alive":
             took.append(gone_within(run, 10))
+            assert traced_step(trace) <= at_kill + 1, "the worker went on training after its job was killed"
             if kind == "checkpoint":
                 assert (run / "checkpoints" / f".tmp-step-{target:08d}").is_dir()
                 assert newest_checkpoint_step(run) == start  # the torn save does not count

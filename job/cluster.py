@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from .spec import JobSpec
 
 
+FREE_PORT = "a free port ftjob chose"
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     nnodes: int
@@ -32,10 +35,16 @@ class NodeInfo:
     master_port: int
     procs_per_node: int
     accelerator: str  # "cuda" or "cpu"
+    port_source: str = FREE_PORT  # where master_port came from, as a user would look it up
 
     @property
     def world_size(self) -> int:
         return self.nnodes * self.procs_per_node
+
+    @property
+    def port_is_ours(self) -> bool:
+        """ftjob may pick another port: one node (no other node must agree on it), and no MASTER_PORT given."""
+        return self.nnodes == 1 and self.port_source != "MASTER_PORT"
 
 
 def _env_int(names: tuple[str, ...], default: int) -> int:
@@ -64,6 +73,7 @@ def detect_accelerator(spec: JobSpec) -> str:
 
 
 def free_port() -> int:
+    """A port free now; another process can still take it before the workers bind it (train_stage retries)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -79,8 +89,14 @@ def node_info(spec: JobSpec, gpu_count=None) -> NodeInfo:
     if not 0 <= node_rank < nnodes:
         raise BadInput(f"NODE_RANK {node_rank} is outside 0..{nnodes - 1} (NNODES={nnodes})")
     slurm_job = _env_int(("SLURM_JOB_ID",), -1)
-    default_port = 20000 + slurm_job % 20000 if slurm_job >= 0 else (29500 if nnodes > 1 else free_port())
-    port = _env_int(("MASTER_PORT",), default_port)
+    if os.environ.get("MASTER_PORT"):
+        port, port_source = _env_int(("MASTER_PORT",), 0), "MASTER_PORT"
+    elif slurm_job >= 0:
+        port, port_source = 20000 + slurm_job % 20000, "20000 + SLURM_JOB_ID % 20000"
+    elif nnodes > 1:
+        port, port_source = 29500, "the multi-node default"
+    else:
+        port, port_source = free_port(), FREE_PORT
     addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
     if nnodes > 1 and not os.environ.get("MASTER_ADDR"):
         raise BadInput("NNODES > 1 needs MASTER_ADDR (the host name of node rank 0)")
@@ -94,7 +110,7 @@ def node_info(spec: JobSpec, gpu_count=None) -> NodeInfo:
             procs = gpu_count
         else:
             procs = 2
-    return NodeInfo(nnodes, node_rank, addr, port, procs, accelerator)
+    return NodeInfo(nnodes, node_rank, addr, port, procs, accelerator, port_source)
 
 
 # ---------------------------------------------------------------- heartbeats

@@ -18,6 +18,9 @@ PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after writing a complete chec
 # Internal, between a worker and its `ftjob` process, never a job's exit code: the worker stopped because
 # another rank's collective broke (that rank's node says why); `ftjob` exits FAILED naming that node.
 PEER_LOST = 86
+# Internal too: rank 0 could not bind the rendezvous port (MASTER_PORT); `ftjob` launches again on another
+# port where it chose the port itself, else exits FAILED naming it.
+PORT_TAKEN = 87
 
 # A worker's JobError travels to the `ftjob` process as one line of its output: this prefix, then JSON
 # {"code", "message", "rank"}; `ftjob` reports it as its own one-line error with that exit code.
@@ -67,11 +70,14 @@ class Stopped(JobError):
     exit_code = PREEMPTED
 
 
+class PortTaken(JobError):
+    exit_code = PORT_TAKEN
+
+
 class VolumeError(JobError):
     """The output volume is full, read-only or failing: nothing the spec can fix, nor a retry as is."""
 
     exit_code = VOLUME
-
 
 
 def permission_denied(key: str, path, action: str = "read") -> BadInput:

@@ -28,10 +28,17 @@ _poisoned: set[str] = set()
 
 
 def delay(point: str) -> None:
-    """Sleep `delay_<point>` seconds: "step" (each micro-step), "eval", "save", "export"."""
+    """Sleep `delay_<point>` seconds: "step" (each micro-step), "eval", "save", "export", "samples" (before
+    the worker writes samples)."""
     seconds = SETTINGS.get(f"delay_{point}")
     if seconds:
         time.sleep(seconds)
+
+
+def escapes_its_job() -> bool:
+    """`orphan=1`: the worker neither dies with its job nor checks that it is alive, as a process the kernel
+    cannot end at once would (stuck in I/O on a network volume); it still holds the writers lock."""
+    return bool(SETTINGS.get("orphan"))
 
 
 def kill_in_save(step: int, rank: int) -> None:

@@ -119,7 +119,10 @@ def add_file(path: Path, rank: int | None = None) -> logging.Handler:
 def remove_handler(handler: logging.Handler | None) -> None:
     if handler is not None:
         logging.getLogger().removeHandler(handler)
-        handler.close()
+        try:
+            handler.close()
+        except OSError:  # closing flushes; on a full volume that fails and the lines are lost, not the job
+            pass
 
 
 class WorkerOutputFilter:

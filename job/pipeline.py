@@ -8,6 +8,7 @@ lock, spec.yaml, data/); the other nodes wait for node 0's data and only train.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -18,12 +19,12 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from . import errors, logs, pretrained
+from . import cluster, errors, logs, pretrained
 from .cluster import NodeHeartbeat, NodeInfo, PeerWatch, node_info
 from .errors import BadInput, JobError
-from .rundir import (FINISHED, RunLock, RunPaths, Stage, atomic_dir, atomic_write, complete_checkpoints,
-                     describe_volume, newest_complete, read_best, read_manifest, read_state, remove_partial_files,
-                     verify_checkpoint, write_state, writing)
+from .rundir import (FINISHED, VOLUME_ERRNOS, RunLock, RunPaths, Stage, atomic_dir, atomic_write,
+                     complete_checkpoints, describe_volume, newest_complete, read_best, read_manifest, read_state,
+                     remove_partial_files, verify_checkpoint, volume_error_of, write_state, writing)
 
 if TYPE_CHECKING:
     from .spec import JobSpec
@@ -121,6 +122,8 @@ def _all_stages(spec: JobSpec, paths: RunPaths, node: NodeInfo, restart: bool, v
         if code != errors.OK:
             report_stage(paths)
             return code
+        export_best_stage(spec, paths)
+    if trained and not (paths.best / "ftjob-best.json").exists():  # an attempt that stopped after training
         export_best_stage(spec, paths)
     if not (paths.samples / "after.jsonl").exists():  # the workers write them as they export final/
         generate_stage(spec, paths)
@@ -361,6 +364,11 @@ def _owner(spec: JobSpec, paths: RunPaths, restart: bool, node: NodeInfo | None 
         except errors.VolumeError:
             remove_partial_files(paths)  # what the workers could not clean up: nothing half-written stays
             raise
+        except OSError as e:  # any other write of this process (state, plan, ...): the same one line
+            if e.errno not in VOLUME_ERRNOS:
+                raise
+            remove_partial_files(paths)
+            raise volume_error_of(e, paths) from None
 
 
 @contextlib.contextmanager
@@ -399,7 +407,7 @@ def start_run_dir(spec: JobSpec, paths: RunPaths, restart: bool) -> None:
         aside = paths.root.with_name(f"{paths.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         aside.mkdir()
         for p in paths.root.iterdir():
-            if p.name != ".lock":  # the lock we hold stays
+            if p.name not in (".lock", ".writers"):  # the locks we hold stay
                 p.rename(aside / p.name)
         log.info("--restart: the previous run was moved to %s", aside)
     from .spec import dump
@@ -523,11 +531,26 @@ def train_stage(spec: JobSpec, paths: RunPaths, node: NodeInfo, verbose: bool = 
         write_state(paths, stage=Stage.TRAIN, nnodes=node.nnodes, procs_per_node=node.procs_per_node,
                     accelerator=node.accelerator)
     bar = progress_mode() == "bar"
-    launch = Launch(launcher_command(paths, node, verbose), worker_env(node, progress_events=bar), node,
-                    paths.log_file(node.node_rank), verbose, watch,
-                    on_tick=_report_when_evaluated(paths) if node.node_rank == 0 else None, bar=bar)
-    code = launch.run()
+    for tries in range(1, PORT_TRIES + 1):
+        launch = Launch(launcher_command(paths, node, verbose), worker_env(node, progress_events=bar), node,
+                        paths.log_file(node.node_rank), verbose, watch,
+                        on_tick=_report_when_evaluated(paths) if node.node_rank == 0 else None, bar=bar)
+        code = launch.run()
+        if not _port_taken(launch) or launch.signalled or not node.port_is_ours or tries == PORT_TRIES:
+            break
+        # free_port() only found a port free at that moment: another process bound it before rank 0 did.
+        port = cluster.free_port()
+        log.warning("port %d was taken by another process before the workers could bind it; launching again on "
+                    "port %d", node.master_port, port)
+        node = dataclasses.replace(node, master_port=port)
     return _training_outcome(paths, node, launch, code, watch)
+
+
+PORT_TRIES = 3  # launches on a port ftjob chose, each taken by someone else before the workers bound it
+
+
+def _port_taken(launch) -> bool:
+    return bool(launch.worker_error) and launch.worker_error["code"] == errors.PORT_TAKEN
 
 
 def _training_outcome(paths: RunPaths, node: NodeInfo, launch, code: int, watch: PeerWatch | None) -> int:
@@ -544,6 +567,11 @@ def _training_outcome(paths: RunPaths, node: NodeInfo, launch, code: int, watch:
                        f"{last.name if last else 'the start'}")
     if code == errors.OK:
         return errors.OK
+    if _port_taken(launch):
+        why = (f"the {PORT_TRIES}th free port ftjob chose that another process took before the workers bound it"
+               if node.port_is_ours else f"the port came from {node.port_source}")
+        raise JobError(f"{launch.worker_error['message']} ({why}); set MASTER_PORT to a free port, or free this "
+                       "one, then run again")
     if launch.worker_error:  # one worker's JobError: its own line, its own exit code
         raise errors.from_code(launch.worker_error["code"], launch.worker_error["message"])
     state = read_state(paths)
@@ -555,7 +583,10 @@ def _training_outcome(paths: RunPaths, node: NodeInfo, launch, code: int, watch:
     if code in (errors.DIVERGED, errors.LOCKED):
         return code
     if code == errors.PEER_LOST:
-        raise JobError("another rank stopped and this node's workers with it; see the other nodes' logs")
+        if node.nnodes > 1:
+            raise JobError("another rank stopped and this node's workers with it; see the other nodes' logs")
+        raise JobError(f"a worker ended without an error of its own (killed? out of memory?) and the others "
+                       f"stopped with it; see {paths.log_file(node.node_rank)}")
     if node.node_rank == 0:
         write_state(paths, stage=Stage.FAILED, exit_code=code)
     raise JobError(f"training failed (the launcher exited {code}); the workers' error is above and in "

@@ -83,6 +83,7 @@ class RunPaths:
     state = property(lambda self: self.root / "state.json")
     plan = property(lambda self: self.root / "plan.json")  # the estimate made before training
     lock = property(lambda self: self.root / ".lock")
+    writers = property(lambda self: self.root / ".writers")  # shared-locked by every process that writes here
     report = property(lambda self: self.root / "report.md")
     loss_plot = property(lambda self: self.root / "loss.png")
     tensorboard = property(lambda self: self.root / "tensorboard")
@@ -111,8 +112,11 @@ def atomic_write(path: Path, data: str | bytes, durable: bool = False) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise named(e, path)
         raise
 
 
@@ -142,6 +146,11 @@ def apply_umask(root: Path) -> None:
             continue
         executable = path.is_dir() or path.stat().st_mode & 0o111
         os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def named(e: OSError, path: Path) -> OSError:
+    """A failed write or flush names no file (only open does): the same error, naming the file written."""
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
 
 
 def replace_dir(new: Path, final: Path) -> None:
@@ -218,8 +227,11 @@ def write_state(paths: RunPaths, **fields) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise named(e, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -389,13 +401,20 @@ class RunLock:
     On one host the flock is exact: the kernel drops it when the holder dies. On network storage a lock
     can outlive a dead node (the server holds it until the client's lease runs out), so a lock held from
     another host whose heartbeat has not moved for 3 x its interval is taken over, with a warning. A live
-    holder, anywhere, gives RunLocked (exit 3)."""
+    holder, anywhere, gives RunLocked (exit 3).
+
+    The holder's workers can outlive it for a moment (they die with it, but a process takes time to end),
+    so the lock also covers them: every worker holds a shared flock on <run>/.writers (hold_writers), and a
+    new holder first takes it exclusively, waiting up to 3 heartbeats for an earlier attempt's processes to
+    exit (exit 3 naming them if they do not), before it writes anything; it then keeps it shared, beside
+    its own workers."""
 
     STALE_AFTER = 3  # missed heartbeats
 
     def __init__(self, paths: RunPaths, heartbeat_s: float = 30.0):
         self.paths, self.heartbeat_s = paths, heartbeat_s
         self.fd: int | None = None
+        self.writers_fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._info: dict = {}
@@ -408,13 +427,21 @@ class RunLock:
             if holder.get("host") == hostname() or not self._wait_for_stale(holder):
                 raise RunLocked(f"run directory {self.paths.root} is in use by {describe_holder(holder)}; wait "
                                 "for it to finish, or point this job at another spec name / output_dir")
-            aside = self.paths.lock.with_name(f".lock.stale-{holder.get('host')}-{holder.get('pid')}")
+            stale = f"stale-{holder.get('host')}-{holder.get('pid')}"
             log.warning("taking over run directory %s from %s: its heartbeat stopped (node lost?); the old "
-                        "lock file is kept as %s", self.paths.root, describe_holder(holder), aside.name)
-            os.replace(self.paths.lock, aside)
+                        "lock file is kept as .lock.%s", self.paths.root, describe_holder(holder), stale)
+            os.replace(self.paths.lock, self.paths.lock.with_name(f".lock.{stale}"))
+            # The lost node's writers lock is taken over with it (its flocks live on until its lease ends).
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.paths.writers, self.paths.writers.with_name(f".writers.{stale}"))
             fd = self._try_flock()
             if fd is None:
                 raise RunLocked(f"run directory {self.paths.root}: another job took it over at the same time")
+        try:
+            self.writers_fd = self._wait_for_writers()
+        except BaseException:
+            os.close(fd)
+            raise
         self.fd = fd
         self._info = {"pid": os.getpid(), "host": hostname(), "since": now_iso(), "interval_s": self.heartbeat_s,
                       "beat": 0}
@@ -431,6 +458,33 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             return None
+
+    def _wait_for_writers(self) -> int:
+        """The writers lock, taken exclusively once no process of an earlier attempt holds it, then kept
+        shared. Waits up to STALE_AFTER heartbeats (the time a lost holder is given, too)."""
+        fd = os.open(self.paths.writers, os.O_RDWR | os.O_CREAT, 0o644)
+        wait_s = self.STALE_AFTER * self.heartbeat_s
+        deadline = time.monotonic() + wait_s
+        noted = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            who = describe_processes(lock_holders(self.paths.writers))
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise RunLocked(f"run directory {self.paths.root} is still in use by an earlier attempt's "
+                                f"{who} after waiting {wait_s:.0f}s (3 x resources.lock_heartbeat_s); end it "
+                                "(kill -9 PID) if its job is gone, then run again")
+            if not noted:
+                log.warning("run directory %s: waiting up to %.0fs for an earlier attempt's %s to exit",
+                            self.paths.root, wait_s, who)
+                noted = True
+            time.sleep(0.2)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # this job's own workers hold it shared beside it
+        return fd
 
     def _wait_for_stale(self, holder: dict) -> bool:
         """True if the holder's heartbeat does not move for STALE_AFTER of its intervals. Judged by watching
@@ -465,16 +519,67 @@ class RunLock:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+        for fd in (self.writers_fd, self.fd):
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+        self.fd = self.writers_fd = None
 
     def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc):
         self.release()
+
+
+def hold_writers(paths: RunPaths) -> int | None:
+    """In a process that writes into the run directory beside the lock holder (a worker): a shared flock
+    on <run>/.writers, held until this process exits (the fd is never closed), so that a new lock holder
+    waits for it. Blocks only while a new holder checks that no earlier writer is left. None where the
+    filesystem has no flock."""
+    fd = os.open(paths.writers, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return fd
+
+
+def lock_holders(path: Path) -> list[int]:
+    """This host's processes that hold an flock on `path` (from /proc/locks; those on other hosts of a
+    network filesystem are not listed there)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = set()
+    for line in lines:
+        # "3: FLOCK  ADVISORY  READ  1234 00:2d:5678 0 EOF"; a waiting request reads "3: -> FLOCK ..."
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode and int(fields[4]) > 0:
+            pids.add(int(fields[4]))
+    return sorted(pids)
+
+
+def describe_processes(pids: list[int]) -> str:
+    """`processes pid 12 (python -u -m job.train.worker ...), pid 13 (...)`, from /proc."""
+    if not pids:
+        return "process (on another host, or outside this container)"
+    names = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            command = " ".join([os.path.basename(argv[0])] + argv[1:]).strip()
+        except OSError:
+            command = "gone"
+        names.append(f"pid {pid} ({command[:160]})")
+    return f"process{'es' if len(pids) > 1 else ''} " + ", ".join(names)
 
 
 def holder_info(paths: RunPaths) -> dict:
@@ -546,6 +651,29 @@ def looks_like_volume_failure(exc: BaseException, path: Path) -> bool:
             probe.unlink()
 
 
+def volume_error(path: Path, what: str, exc: BaseException, paths: RunPaths | None = None) -> VolumeError:
+    """The one line for a volume that could not hold `what` (at `path`): the volume and its free space, the
+    error, the last complete checkpoint."""
+    where = Path(path) if Path(path).is_dir() else Path(path).parent
+    last = newest_complete(paths.checkpoints, verify=False) if paths else None
+    tail = f"; last complete checkpoint: {last.name if last else 'none yet'}" if paths else ""
+    return VolumeError(f"{describe_volume(where)} could not hold {what} ({path}): {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:120] if str(exc) else ''}; partial files removed{tail}; free "
+                       "space or move output_dir, then run again")
+
+
+def volume_error_of(exc: BaseException, paths: RunPaths) -> VolumeError:
+    """volume_error for an error raised by any write under the run directory, naming the file the error
+    names, as the run knows it (atomic_write's `.state.json.tmp-123` is state.json)."""
+    name = getattr(exc, "filename", None)
+    if not name:
+        return volume_error(paths.root, "the run's files", exc, paths)
+    path = Path(os.fsdecode(name))
+    m = re.match(r"^\.(.+)\.tmp-\d+$", path.name)
+    path = path.with_name(m.group(1)) if m else path
+    return volume_error(path, path.name, exc, paths)
+
+
 @contextlib.contextmanager
 def writing(path: Path, what: str, paths: RunPaths | None = None):
     """`with writing(path, "the report"):` turns a full, read-only or failing volume under `path` into one
@@ -558,8 +686,4 @@ def writing(path: Path, what: str, paths: RunPaths | None = None):
         where = Path(path) if Path(path).is_dir() else Path(path).parent
         if not looks_like_volume_failure(e, where):
             raise
-        last = newest_complete(paths.checkpoints, verify=False) if paths else None
-        tail = f"; last complete checkpoint: {last.name if last else 'none yet'}" if paths else ""
-        raise VolumeError(f"{describe_volume(where)} could not hold {what} ({path}): {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120] if str(e) else ''}; partial files removed{tail}; free "
-                          "space or move output_dir, then run again") from None
+        raise volume_error(path, what, e, paths) from None

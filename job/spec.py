@@ -135,7 +135,8 @@ class ResourcesSpec(Section):
                                    "taken for dead and the other nodes stop")
     collective_timeout_s: Number = Field(1800.0, gt=0, description="longest wait inside one collective")
     lock_heartbeat_s: Number = Field(30.0, gt=0, description="run-directory lock heartbeat; a lock from "
-                                     "another host silent for 3 of these is taken over")
+                                     "another host silent for 3 of these is taken over; a new job waits up to 3 "
+                                     "of these for an earlier attempt's workers to exit")
 
 
 class ReportSpec(Section):

@@ -9,6 +9,7 @@ events to the terminal's bar, a worker's one-line error to the caller.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from ..logs import WorkerOutputFilter
 from ..progress import EVENT_PREFIX, EventBar
 from ..rundir import RunPaths
 from ..errors import WORKER_ERROR_PREFIX
+from .lifeline import JOB_PID_ENV, launcher_preexec
 
 log = logging.getLogger("ftjob")
 
@@ -52,6 +54,7 @@ def worker_env(node: NodeInfo, progress_events: bool) -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["FTJOB_PROGRESS"] = "events" if progress_events else "log"
+    env[JOB_PID_ENV] = str(os.getpid())  # the workers die with this process (lifeline.py)
     # Workers import `job` from wherever this process did, installed or from a checkout.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -82,19 +85,14 @@ def is_worker(process) -> bool:
     return "-m" in cmdline and cmdline[cmdline.index("-m") + 1:cmdline.index("-m") + 2] == [WORKER_MODULE]
 
 
-def _ignore_usr1() -> None:
-    """In the launcher: Slurm can signal every process of a step (`scancel --signal=USR1` without --batch),
-    and SIGUSR1 kills a process without a handler. The launch process ignores it; the workers set their
-    own handler, so it still reaches them as a stop request."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
 class Launch:
     """Runs the launcher. SIGTERM/SIGUSR1/SIGINT to this process become SIGTERM to the workers only:
     DeepSpeed's per-node launch process SIGKILLs its workers 30 s after it gets a SIGTERM itself, which
     would cap a checkpoint at 30 s whatever grace period the scheduler gives; it runs in a session of its
     own so that a terminal's Ctrl-C does not reach it either. SIGUSR1 matters: Slurm's --signal=B:USR1
-    reaches only the batch shell, and the launcher does not forward USR1."""
+    reaches only the batch shell, and the launcher does not forward USR1. Being in a session of its own, the
+    launcher (and its workers) would outlive a kill -9 of this process: the parent-death signal ends them
+    with it instead (lifeline.py)."""
 
     def __init__(self, cmd: list[str], env: dict, node: NodeInfo, log_file: Path | None, verbose: bool = False,
                  watch: PeerWatch | None = None, on_tick=None, bar: bool = False):
@@ -133,33 +131,55 @@ class Launch:
                 pass
 
     def _pump(self) -> None:
-        log_f = open(self.log_file, "a", encoding="utf-8", errors="replace") if self.log_file else None
+        """Every line to the log file while it can be written, the console's lines to the console always:
+        a full volume ends the log file, never the pump (the workers would block on a full pipe)."""
+        log_f = None
+        if self.log_file:
+            try:
+                log_f = open(self.log_file, "a", encoding="utf-8", errors="replace")
+            except OSError as e:
+                self._log_lost(e)
         try:
             for line in self.proc.stdout:
-                self._line(line, log_f)
+                log_f = self._line(line, log_f)
         finally:
-            if log_f:
-                log_f.close()
+            self._close(log_f)
             if self.bar:
                 self.bar.close()
 
-    def _line(self, line: str, log_f) -> None:
+    def _line(self, line: str, log_f):
+        """Handles one line; returns the log file, or None once it can no longer be written."""
         if line.startswith(EVENT_PREFIX):
             if self.bar:
                 self.bar.handle(line)
-            return
+            return log_f
         if line.startswith(WORKER_ERROR_PREFIX):
             event = json.loads(line[len(WORKER_ERROR_PREFIX):])
             self.worker_error = self.worker_error or event
             line = f"[rank {event.get('rank')}] error: {event['message']}\n"
         elif self.filter.console_wants(line):
-            sys.stderr.write(line)
-            sys.stderr.flush()
-        if log_f and not log_f.closed:
-            try:
-                log_f.write(line)
-                log_f.flush()
-            except OSError:  # the volume is full: the console still gets what matters
+            with contextlib.suppress(OSError):  # a batch log on the same full volume: keep reading
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        if log_f is None:
+            return None
+        try:
+            log_f.write(line)
+            log_f.flush()
+            return log_f
+        except OSError as e:  # the volume is full or failing: the console still gets what matters
+            self._close(log_f)
+            self._log_lost(e)
+            return None
+
+    def _log_lost(self, e: OSError) -> None:
+        log.warning("cannot write %s (%s); the workers' lines go on to the console only", self.log_file,
+                    e.strerror or e)
+
+    @staticmethod
+    def _close(log_f) -> None:
+        if log_f is not None:
+            with contextlib.suppress(OSError):  # closing flushes what could not be written: drop it
                 log_f.close()
 
     def run(self) -> int:
@@ -170,7 +190,7 @@ class Launch:
             log.info("launching: %s", " ".join(self.cmd))
             self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
-                                         errors="replace", preexec_fn=_ignore_usr1)
+                                         errors="replace", preexec_fn=launcher_preexec(os.getpid()))
             pump = threading.Thread(target=self._pump, name="ftjob-launcher-output", daemon=True)
             pump.start()
             if self.signalled:  # a signal that came while starting

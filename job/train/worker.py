@@ -8,6 +8,11 @@ evaluation and checkpoint steps.
 """
 from __future__ import annotations
 
+from . import lifeline
+
+if __name__ == "__main__":  # started by DeepSpeed's launch process: die with it from the start, not after
+    lifeline.die_with_job()  # the imports below (seconds), and stop here if the job is already gone
+
 import argparse
 import json
 import logging
@@ -28,8 +33,8 @@ from ..data.schedule import EpochSchedule
 from ..data.shards import BlockStore
 from ..generate import generate_samples, log_samples, write_samples
 from ..progress import Progress
-from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, newest_complete, read_manifest,
-                      truncate_jsonl, write_state, append_jsonl)
+from ..rundir import (RunPaths, Stage, atomic_write, data_fingerprint, hold_writers, looks_like_volume_failure,
+                      newest_complete, read_manifest, truncate_jsonl, volume_error_of, write_state, append_jsonl)
 from .checkpoint import Checkpointer, trainer_state_of
 from .evaluate import Evaluator
 from .export import export_final
@@ -75,8 +80,14 @@ class Trainer:
         if not self.cuda:
             _plain_gloo_on_cpu()
         _no_muon_kernels()
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
-                                   timeout=timedelta(seconds=r.collective_timeout_s))
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo",
+                                       timeout=timedelta(seconds=r.collective_timeout_s))
+        except RuntimeError as e:  # rank 0 binds the rendezvous port; another process may have taken it
+            if "EADDRINUSE" not in str(e):
+                raise
+            raise errors.PortTaken(f"port {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is in "
+                                   "use by another process") from None
         logs.route_library_loggers()
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         # The per-step "does anyone want to stop?" vote goes over gloo on a CPU tensor: over NCCL it
@@ -355,6 +366,8 @@ class Trainer:
         records = generate_samples(self.engine.module, self.tokenizer, self.spec.generation, self.device,
                                    synced_gpus=stage3 and self.world > 1)
         if self.rank == 0:
+            if faults.ACTIVE:
+                faults.delay("samples")
             write_samples(records, self.paths.samples, name, step=self.step, weights=weights)
             if name == "after":
                 log_samples(records, name)
@@ -445,6 +458,11 @@ def _a_peer_stopped(e: Exception) -> bool:
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
+def _report(e: errors.JobError, rank: int) -> None:
+    """The error as one line up the pipe: `ftjob` shows it as its own and exits with its code."""
+    sys.stderr.write(errors.WORKER_ERROR_PREFIX + json.dumps({"code": e.exit_code, "message": str(e), "rank": rank}) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m job.train.worker")
     parser.add_argument("--run-dir", required=True)
@@ -452,15 +470,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     logs.setup(rank, verbose=True)  # everything goes up the pipe; the `ftjob` process filters it
+    paths = RunPaths(Path(args.run_dir))
+    hold_writers(paths)  # held until this process ends: the next job waits for it (rundir.RunLock)
     try:
-        code = Trainer(RunPaths(Path(args.run_dir))).run()
+        code = Trainer(paths).run()
     except errors.JobError as e:
-        sys.stderr.write(errors.WORKER_ERROR_PREFIX + json.dumps({"code": e.exit_code, "message": str(e), "rank": rank}) + "\n")
+        _report(e, rank)
         code = e.exit_code
     except Exception as e:
         if _a_peer_stopped(e):  # the rank that stopped first says why; this is only the echo of it
             log.error("stopping: another rank stopped (%s)", str(e).splitlines()[0][:160])
             code = errors.PEER_LOST
+        elif looks_like_volume_failure(e, paths.root):  # any write: state, metrics, eval, samples, best, ...
+            _report(volume_error_of(e, paths), rank)
+            code = errors.VOLUME
         else:
             log.exception("training failed")  # the "[rank N]" prefix says which rank, in a shared log
             code = errors.FAILED

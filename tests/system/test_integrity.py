@@ -94,14 +94,15 @@ def small_volume(tmp_path):
 
 
 def fill(volume: Path) -> Path:
-    """Take every free byte of the volume."""
+    """Take every free page of the volume (64 KiB writes, then 4 KiB ones for what they left)."""
     filler = volume / "filler.bin"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass
+    with open(filler, "wb", buffering=0) as f:
+        for chunk in (1 << 16, 1 << 12):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
     return filler
 
 

@@ -7,14 +7,16 @@ import base64
 import json
 import os
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
 from job import spec as spec_lib
 from job.cluster import NodeHeartbeat, NodeInfo, PeerWatch, heartbeat_file, node_info
-from job.errors import BadInput
+from job.errors import WORKER_ERROR_PREFIX, BadInput
 from job.rundir import RunPaths
-from job.train.launch import launcher_command, worker_env, world_info
+from job.train.launch import Launch, launcher_command, worker_env, world_info
 from job.train.optim import deepspeed_config, grad_accum_for, resolve_precision
 
 RANK_ENV = ("NNODES", "SLURM_NNODES", "NODE_RANK", "JOB_COMPLETION_INDEX", "SLURM_NODEID", "SLURM_JOB_ID",
@@ -57,6 +59,23 @@ def test_node_info_precedence_plain_over_kubernetes_over_slurm(env):
     assert (node.nnodes, node.node_rank, node.master_port, node.master_addr) == (2, 1, 29999, "head")
 
 
+def test_ftjob_picks_another_port_only_where_no_one_else_needs_to_know_it(env):
+    """One node without MASTER_PORT: a free port, replaced on a retry if someone takes it first. A port the
+    scheduler gave (MASTER_PORT), or one every node derives, stays, and an error names where it came from."""
+    alone = node_info(make_spec())
+    assert alone.port_is_ours and alone.port_source == "a free port ftjob chose" and alone.master_port > 0
+    env.setenv("SLURM_JOB_ID", "123456")
+    assert node_info(make_spec()).port_is_ours  # derived from the job id, but no other node uses it
+    env.setenv("MASTER_ADDR", "head")
+    env.setenv("NNODES", "2")
+    two = node_info(make_spec())
+    assert not two.port_is_ours and two.port_source == "20000 + SLURM_JOB_ID % 20000"
+    env.setenv("NNODES", "1")
+    env.setenv("MASTER_PORT", "29999")
+    given = node_info(make_spec())
+    assert (given.master_port, given.port_source, given.port_is_ours) == (29999, "MASTER_PORT", False)
+
+
 @pytest.mark.parametrize("variables, message", [
     ({"NNODES": "2"}, "NNODES > 1 needs MASTER_ADDR"),
     ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK 2 is outside 0..1"),
@@ -96,6 +115,26 @@ def test_worker_env(monkeypatch):
     assert cpu["PYTHONPATH"].split(os.pathsep)[0] == os.path.dirname(os.path.dirname(spec_lib.__file__))
     gpu = worker_env(NodeInfo(1, 0, "127.0.0.1", 1, 2, "cuda"), progress_events=False)
     assert "DS_ACCELERATOR" not in gpu and gpu["CUDA_VISIBLE_DEVICES"] == "0" and gpu["FTJOB_PROGRESS"] == "log"
+    assert cpu["FTJOB_PARENT_PID"] == str(os.getpid())  # the workers die with this process
+
+
+def test_the_output_pump_outlives_a_log_file_it_cannot_write(capfd, caplog, monkeypatch):
+    """The log file is /dev/full, where every write fails with ENOSPC as on a full volume: the launcher's
+    lines still reach the console, a worker's error line is still read, and the launch ends normally."""
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", crashed.append)
+    lines = ["2024-01-01 00:00:00 ftjob [rank 1] first line", WORKER_ERROR_PREFIX + json.dumps(
+        {"code": 74, "message": "volume full", "rank": 0}), "2024-01-01 00:00:01 ftjob [rank 1] last line"]
+    script = f"for line in {lines!r}: print(line, flush=True)"
+    launch = Launch([sys.executable, "-c", script], dict(os.environ), NodeInfo(1, 0, "127.0.0.1", 1, 1, "cpu"),
+                    Path("/dev/full"))
+    caplog.set_level("WARNING", logger="ftjob")
+    assert launch.run() == 0
+    assert crashed == []
+    err = capfd.readouterr().err
+    assert "ftjob [rank 1] first line" in err and "ftjob [rank 1] last line" in err
+    assert launch.worker_error == {"code": 74, "message": "volume full", "rank": 0}
+    assert "cannot write /dev/full (No space left on device)" in caplog.text
 
 
 def test_deepspeed_config_follows_the_spec():
@@ -157,3 +196,28 @@ def test_peer_watch_sees_a_failed_node_and_a_silent_one(tmp_path, monkeypatch):
     beats[1].record.update(exit_code=75)
     beats[1]._write()
     assert watch.problem() is None or "node 1" not in watch.problem()  # preempted, not failed
+
+
+def test_the_error_line_names_the_taken_port_and_other_nodes_only_when_there_are_some(tmp_path):
+    """What `ftjob` says when its launch ends badly (pipeline._training_outcome): a taken port with where it
+    came from; a worker lost on a one-node run without pointing at nodes that do not exist."""
+    from types import SimpleNamespace
+
+    from job.errors import PEER_LOST, PORT_TAKEN, JobError
+    from job.pipeline import _training_outcome
+
+    paths = RunPaths(tmp_path)
+    taken = SimpleNamespace(worker_error={"code": PORT_TAKEN, "rank": 0, "message": "port 29500 on head is in use "
+                                          "by another process"}, peer_problem=None, signalled=0)
+    given = NodeInfo(2, 0, "head", 29500, 2, "cpu", "MASTER_PORT")
+    with pytest.raises(JobError, match=r"^port 29500 on head is in use by another process \(the port came from "
+                                       r"MASTER_PORT\); set MASTER_PORT to a free port") as e:
+        _training_outcome(paths, given, taken, PORT_TAKEN, None)
+    assert e.value.exit_code == 1
+
+    lost = SimpleNamespace(worker_error=None, peer_problem=None, signalled=0)
+    with pytest.raises(JobError) as e:
+        _training_outcome(paths, NodeInfo(1, 0, "127.0.0.1", 1, 2, "cpu"), lost, PEER_LOST, None)
+    assert "nodes" not in str(e.value).replace(str(tmp_path), "") and str(paths.log_file(0)) in str(e.value)
+    with pytest.raises(JobError, match="see the other nodes' logs"):
+        _training_outcome(paths, NodeInfo(2, 1, "head", 1, 2, "cpu"), lost, PEER_LOST, None)

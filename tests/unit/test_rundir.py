@@ -1,5 +1,6 @@
 """The run directory's rules: which checkpoints count, files written whole or not at all, what pruning
-keeps, and one writer at a time (the lock, its heartbeat, and taking over a lock a lost node left)."""
+keeps, and one writer at a time (the lock, its heartbeat, taking over a lock a lost node left, and the
+writers lock that keeps the run directory locked until an earlier attempt's last worker has exited)."""
 from __future__ import annotations
 
 import errno
@@ -14,7 +15,7 @@ import pytest
 
 from job.errors import RunLocked
 from job.rundir import (MARKER, RunLock, RunPaths, apply_umask, atomic_dir, atomic_write, complete_checkpoints,
-                        current_umask, data_fingerprint, holder_info, newest_complete, prune_checkpoints,
+                        current_umask, data_fingerprint, holder_info, is_held, newest_complete, prune_checkpoints,
                         remove_partial_files, verify_checkpoint, write_marker)
 
 
@@ -203,3 +204,53 @@ def test_a_lock_whose_holder_stopped_beating_on_another_host_is_taken_over(tmp_p
         lost.send_signal(signal.SIGCONT)
         lost.kill()
         lost.wait()
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from job.rundir import RunPaths, hold_writers
+hold_writers(RunPaths(Path(sys.argv[1])))
+print("writing", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def writer(run, seconds):
+    """A process that writes into the run directory beside its job (a worker), for `seconds`."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run.root), str(seconds)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_the_lock_covers_every_writer_until_the_last_has_exited(tmp_path, caplog):
+    """A worker of an earlier attempt still alive (its job gone): the next job waits for it, bounded by 3
+    heartbeats, then exits 3 naming it, having written nothing; one that exits within the wait is waited
+    for. The holder's own workers hold the writers lock beside it."""
+    run = RunPaths(tmp_path / "run")
+    RunLock(run, heartbeat_s=0.3).acquire().release()  # an earlier attempt's job, ended
+    before = run.lock.read_bytes()
+    lingering = writer(run, 600)
+    try:
+        caplog.set_level("WARNING", logger="ftjob")
+        t0 = time.monotonic()
+        with pytest.raises(RunLocked, match=f"earlier attempt's process pid {lingering.pid} \\(python") as e:
+            RunLock(run, heartbeat_s=0.3).acquire()
+        assert 0.9 <= time.monotonic() - t0 < 5
+        assert e.value.exit_code == 3 and "after waiting 1s (3 x resources.lock_heartbeat_s)" in str(e.value)
+        assert f"waiting up to 1s for an earlier attempt's process pid {lingering.pid}" in caplog.text
+        assert run.lock.read_bytes() == before and not is_held(run)  # nothing written, the lock let go
+    finally:
+        lingering.kill()
+        lingering.wait()
+
+    brief = writer(run, 1.0)
+    t0 = time.monotonic()
+    lock = RunLock(run, heartbeat_s=2).acquire()  # waits up to 6 s: the writer ends after 1
+    try:
+        assert brief.poll() is not None and 0.5 <= time.monotonic() - t0 < 5
+        own = writer(run, 0)  # the holder's own worker: not blocked
+        own.wait()
+    finally:
+        lock.release()

@@ -9,23 +9,18 @@ family and any size, and need no weights: a config.json alone describes a 70B mo
   soft-capping, untied heads), not a formula per family.
 
 The resulting `Architecture` is plain values (no torch), so job/plan.py's arithmetic and plan.json use it
-without importing torch. Both are kept in a small cache (`cached`), keyed by everything they depend on:
-building the model means importing transformers' modeling code (3-4 s of CPU), which a resumed or
-repeated run of the same model then skips.
+without importing torch. Both are kept in job/cache.py's cache, keyed by everything they depend on.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from . import families
+from .cache import cached, library_versions, source_hash
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -87,58 +82,24 @@ class Architecture:
         return cls(**fields)
 
 
-# ------------------------------------------------------------------ cache
+# ------------------------------------------------------------------ cached
 
 
-def cache_dir() -> Path:
-    """FTJOB_CACHE_DIR, else $XDG_CACHE_HOME/ftjob, else ~/.cache/ftjob."""
-    if os.environ.get("FTJOB_CACHE_DIR"):
-        return Path(os.environ["FTJOB_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftjob"
+def describe_cached(key: dict, config_fn) -> Architecture:
+    """describe(config_fn()), kept in job/cache.py's cache under `key`: every input of the config the run
+    builds (pretrained.config_identity). A repeated or resumed run of the same model reads it back without
+    importing transformers' modeling code (3-4 s of CPU)."""
+    full = {**key, "code": source_hash(__file__), "libraries": library_versions()}
+    return Architecture.from_dict(cached("architecture", full, lambda: describe(config_fn()).to_dict()))
 
 
-def cached(kind: str, key: dict, compute):
-    """compute()'s JSON result, kept under cache_dir()/kind/<sha256 of key + this file>. The key is every
-    input (the config's JSON, batch, block, precision, ...) and this module's source, so a change to either
-    computes again; a cache that cannot be read or written (a read-only home in a container) is skipped."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode() + _SOURCE_HASH).hexdigest()
-    path = cache_dir() / kind / f"{digest[:32]}.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    value = compute()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(value), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return value
-
-
-_SOURCE_HASH = hashlib.sha256(Path(__file__).read_bytes()).digest()
-
-
-def config_key(config: Any) -> str:
-    """The config as JSON: what the model built from it depends on (its transformers version included)."""
-    if isinstance(config, dict):
-        return json.dumps(config, sort_keys=True)
-    return config.to_json_string(use_diff=False) + str(getattr(config, "_attn_implementation", ""))
-
-
-def describe_cached(config: Any) -> Architecture:
-    return Architecture.from_dict(cached("architecture", {"config": config_key(config)},
-                                         lambda: describe(config).to_dict()))
-
-
-def trace_cached(config: Any, micro_batch: int, block_size: int, precision: str, device: str,
+def trace_cached(key: dict, config_fn, micro_batch: int, block_size: int, precision: str, device: str,
                  attention: str | None = None) -> dict:
-    key = {"config": config_key(config), "batch": micro_batch, "block": block_size, "precision": precision,
-           "device": device, "attention": attention}
-    return cached("activations", key, lambda: trace_activations(config, micro_batch, block_size, precision, device,
-                                                                attention))
+    """trace_activations(config_fn(), ...), cached as describe_cached is."""
+    full = {**key, "code": source_hash(__file__), "libraries": library_versions(), "batch": micro_batch,
+            "block": block_size, "precision": precision, "device": device, "attention": attention}
+    return cached("activations", full, lambda: trace_activations(config_fn(), micro_batch, block_size, precision,
+                                                                 device, attention))
 
 
 # ------------------------------------------------------------------ from a config

@@ -161,16 +161,23 @@ def make_plan(spec: JobSpec, manifest: dict | None = None, node: NodeInfo | None
                           if f.is_file() and ("token" in f.name or f.name in ("vocab.json", "merges.txt")))
     if node is not None:
         figures.update(world=node.world_size, accelerator=node.accelerator)
-    config = pretrained.training_config(spec.model, tok, spec.train.dropout)
-    logs.route_library_loggers()  # transformers is imported by now: its notices go to the log, not the console
+    # The model as the workers build it, described from its config on the meta device; only computed (and
+    # transformers imported) when the cache has no description of this very config, tokenizer and dropout.
+    key = {**pretrained.config_identity(spec.model), "tokenizer": tok.facts["fingerprint"], "vocab": len(tok),
+           "dropout": spec.train.dropout, "attention": spec.model.attn_implementation}
+
+    def config():
+        built = pretrained.training_config(spec.model, tok, spec.train.dropout)
+        logs.route_library_loggers()  # transformers is imported now: its notices go to the log, not the console
+        return built
 
     def activations(precision: str, device: str) -> dict:
-        return architecture.trace_cached(config, spec.train.micro_batch, spec.data.block_size, precision, device,
-                                         spec.model.attn_implementation)
+        return architecture.trace_cached(key, config, spec.train.micro_batch, spec.data.block_size, precision,
+                                         device, spec.model.attn_implementation)
 
     figures.setdefault("free_bytes", plan_lib.free_bytes_at(spec.output_dir))  # None: the volume is elsewhere
     figures.setdefault("present_bytes", plan_lib.dir_bytes(paths.root))
-    return plan_lib.make_plan(architecture.describe_cached(config), spec, manifest, activations=activations, data=data,
+    return plan_lib.make_plan(architecture.describe_cached(key, config), spec, manifest, activations=activations, data=data,
                               tokenizer_bytes=tokenizer_bytes, tokenizer_vocab=len(tok), **figures)
 
 
@@ -263,16 +270,16 @@ def preflight(spec: JobSpec, node: NodeInfo | None = None, weights: bool = True)
     check_rows(text_source(spec))
     tok = pretrained.load_tokenizer(spec.model.tokenizer or spec.model.path,
                                     "model.tokenizer" if spec.model.tokenizer else "model.path")
-    config = pretrained.model_config(spec.model)
+    model = pretrained.model_facts(spec.model)
     if weights:
         pretrained.check_weights(spec.model)
-    positions = pretrained.max_positions(config)
+    positions = model["positions"]
     if positions and spec.data.block_size > positions:
         raise errors.SpecError("data.block_size", f"{spec.data.block_size} is larger than the model's "
                                f"{positions} positions; use at most {positions}")
-    if spec.model.from_config is None and len(tok) > config.vocab_size:
+    if spec.model.from_config is None and len(tok) > model["vocab_size"]:
         raise BadInput(f"model.tokenizer: the tokenizer has {len(tok)} tokens but the model's vocabulary has "
-                       f"{config.vocab_size}; use the model's own tokenizer")
+                       f"{model['vocab_size']}; use the model's own tokenizer")
     document_boundaries(tok, resolve_join(spec, tok))  # a join the tokenizer has no token for
     if spec.generation.max_length > (positions or spec.generation.max_length):
         raise errors.SpecError("generation.max_length", f"is larger than the model's {positions} positions")
@@ -281,7 +288,7 @@ def preflight(spec: JobSpec, node: NodeInfo | None = None, weights: bool = True)
                        "(pip install flash-attn) and a GPU; use sdpa")
     if node is not None:
         _check_node(spec, node)
-    return {"tokenizer_vocab": len(tok), "positions": positions, "model_type": config.model_type}
+    return {"tokenizer_vocab": len(tok), "positions": positions, "model_type": model["model_type"]}
 
 
 def _check_node(spec: JobSpec, node: NodeInfo) -> None:

@@ -11,6 +11,7 @@ import inspect
 import os
 from pathlib import Path
 
+from .cache import cached, files_identity, library_versions, source_hash
 from .errors import BadInput, permission_denied
 from .families import DEFAULT_MODEL_TYPE, family
 
@@ -66,7 +67,53 @@ def check_readable(directory: Path, key: str) -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
-def load_tokenizer(name: str, key: str = "model.tokenizer"):
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+class Tokenizer:
+    """A tokenizer as transformers' AutoTokenizer builds it, reduced to what the `ftjob` process uses: the
+    Rust backend (rebuilt from the JSON transformers made of it, so it tokenises exactly as transformers
+    does), its size, its special tokens and whether it starts a text with BOS by itself. Those facts are
+    kept in job/cache.py's cache, keyed by the tokenizer directory's files and the library versions, so a
+    repeated or resumed run reads its tokenizer without importing transformers (and torch)."""
+
+    is_fast = True
+
+    def __init__(self, facts: dict):
+        from tokenizers import Tokenizer as Backend
+
+        self.facts = facts
+        self.backend_tokenizer = Backend.from_str(facts["backend"])
+        self.bos_token_id, self.eos_token_id = facts["bos_token_id"], facts["eos_token_id"]
+        self.pad_token_id = facts["pad_token_id"]
+
+    def __len__(self) -> int:
+        return self.facts["len"]
+
+    def __call__(self, text, add_special_tokens: bool = True) -> dict:
+        """{"input_ids": ...} of a text or a list of texts, as transformers' tokenizer(text) gives."""
+        if isinstance(text, str):
+            return {"input_ids": self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+        encodings = self.backend_tokenizer.encode_batch(list(text), add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encodings]}
+
+
+def load_tokenizer(name: str, key: str = "model.tokenizer") -> Tokenizer:
+    """The tokenizer of `name` for the `ftjob` process (see Tokenizer); the first time transformers builds it."""
+    directory = resolve_model_dir(name, key)
+    identity = {"directory": str(directory.resolve()), "files": files_identity(directory, WEIGHT_SUFFIXES),
+                "code": source_hash(__file__), "libraries": library_versions()}
+    return Tokenizer(cached("tokenizer", identity, lambda: _tokenizer_facts(load_hf_tokenizer(name, key))))
+
+
+def _tokenizer_facts(tok) -> dict:
+    return {"backend": tok.backend_tokenizer.to_str(), "len": len(tok), "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "adds_bos": _adds_bos(tok),
+            "fingerprint": hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]}
+
+
+def load_hf_tokenizer(name: str, key: str = "model.tokenizer"):
+    """transformers' AutoTokenizer of `name` (the workers: samples, the export's tokenizer files)."""
     from transformers import AutoTokenizer
 
     directory = resolve_model_dir(name, key)
@@ -85,17 +132,21 @@ def load_tokenizer(name: str, key: str = "model.tokenizer"):
     return tok
 
 
-def adds_bos(tok) -> bool:
+def adds_bos(tok: Tokenizer) -> bool:
     """Whether the tokenizer starts every text with its BOS token by itself (Llama's and Mistral's do)."""
+    return tok.facts["adds_bos"]
+
+
+def _adds_bos(tok) -> bool:
     if tok.bos_token_id is None:
         return False
     ids = tok("a")["input_ids"]
     return bool(ids) and ids[0] == tok.bos_token_id and ids != tok("a", add_special_tokens=False)["input_ids"]
 
 
-def tokenizer_fingerprint(tok) -> str:
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
     """A hash of what the tokenizer does (not where it lives), for the data manifest."""
-    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    return tok.facts["fingerprint"]
 
 
 def model_config(spec_model):
@@ -112,6 +163,28 @@ def model_config(spec_model):
     except Exception as e:
         raise BadInput(f"model.path: cannot read {directory / 'config.json'}: {type(e).__name__}: "
                        f"{_first_line(e)}") from None
+
+
+def config_identity(spec_model) -> dict:
+    """Everything the model's config depends on, without reading it: `model.from_config`'s fields, or
+    where config.json is and its size and time (a cache key, see model_facts)."""
+    if spec_model.from_config is not None:
+        return {"from_config": spec_model.from_config}
+    directory = resolve_model_dir(spec_model.path)
+    return {"directory": str(directory.resolve()),
+            "files": [f for f in files_identity(directory, WEIGHT_SUFFIXES) if f[0] == "config.json"]}
+
+
+def model_facts(spec_model) -> dict:
+    """model_type, vocab_size and positions of the model the run trains, as transformers reads its config
+    (cached with config_identity as the key: the `ftjob` process of a repeated run needs no transformers)."""
+    def compute() -> dict:
+        config = model_config(spec_model)
+        return {"model_type": config.model_type, "vocab_size": int(config.vocab_size),
+                "positions": max_positions(config)}
+
+    key = {**config_identity(spec_model), "code": source_hash(__file__), "libraries": library_versions()}
+    return cached("config", key, compute)
 
 
 def fresh_config(fields: dict):
@@ -205,29 +278,44 @@ def check_weights(spec_model) -> None:
     if not files and not any(directory.glob("pytorch_model*.bin")):
         raise BadInput(f"model.path: no weights in {directory} (model.safetensors or pytorch_model.bin); "
                        "save the model with save_pretrained, or set model.from_config to train from scratch")
-    from safetensors import safe_open
-
     for f in files:
         try:
-            with safe_open(f, framework="pt") as st:
-                st.keys()
-            _check_safetensors_size(f)
-        except Exception as e:  # safetensors raises its own error types for every kind of damage
+            check_safetensors(f)
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise BadInput(f"model.path: {f} is not a readable safetensors file ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160] if str(e) else 'damaged'}); copy the model again") from None
 
 
-def _check_safetensors_size(path: Path) -> None:
-    """The header says where each tensor's bytes end; a file cut short has fewer bytes than that."""
+# Bytes per element of the safetensors dtypes (the format's own names).
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                           "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors(path: Path) -> None:
+    """What safetensors checks when it opens a file, read without it (its "pt" framework imports torch,
+    seconds of the `ftjob` process for a header): an 8-byte header length, a JSON header, and for every
+    tensor a known dtype whose bytes (its shape's product) fill its data offsets, the offsets contiguous
+    and inside the file (a file cut short has fewer bytes than its header says)."""
     import json
     import struct
 
+    size = path.stat().st_size
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise ValueError(f"header length {n} is past the end of the file ({size} bytes)")
         header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if path.stat().st_size < 8 + n + end:
-        raise ValueError(f"truncated: {path.stat().st_size} bytes, the header needs {8 + n + end}")
+    tensors = sorted((v["data_offsets"], k, v) for k, v in header.items() if k != "__metadata__")
+    end = 0
+    for (start, stop), name, info in tensors:
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if start != end or stop - start != numel * SAFETENSORS_DTYPE_BYTES[info["dtype"]]:
+            raise ValueError(f"tensor {name}: offsets {start}-{stop} do not hold its {info['dtype']} {info['shape']}")
+        end = stop
+    if size < 8 + n + end:
+        raise ValueError(f"truncated: {size} bytes, the header needs {8 + n + end}")
 
 
 def load_model(spec_model, tokenizer, dropout: float | None = None):

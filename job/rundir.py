@@ -278,6 +278,8 @@ def data_fingerprint(manifest: dict) -> str:
 # ---------------------------------------------------------------- checkpoints
 
 MARKER = "COMPLETE.json"
+DS_TAG = "ds"  # DeepSpeed's own files live in <checkpoint>/ds/
+UNIVERSAL_TAG = "ds_universal"  # ... and their universal form, when a resume needed one
 _CHECKPOINT = re.compile(r"^step-(\d{8})$")
 
 

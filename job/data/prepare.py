@@ -53,7 +53,7 @@ def resolve_join(spec: JobSpec, tok) -> str:
     """data.join, with auto replaced by the model family's default (job/families.py)."""
     if spec.data.join != "auto":
         return spec.data.join
-    model_type = pretrained.model_config(spec.model).model_type
+    model_type = pretrained.model_facts(spec.model)["model_type"]
     return families.join_for(model_type, pretrained.adds_bos(tok), tok.bos_token_id is not None,
                              tok.eos_token_id is not None)
 

@@ -24,14 +24,12 @@ import torch
 
 from .. import faults
 from ..errors import BadInput, VolumeError
-from ..rundir import (RunPaths, apply_umask, atomic_write, checkpoint_bytes, checkpoint_name, describe_volume,
-                      looks_like_volume_failure, newest_complete, point_latest, prune_checkpoints, read_best,
-                      read_marker, replace_dir, write_marker)
+from ..rundir import (DS_TAG, UNIVERSAL_TAG, RunPaths, apply_umask, atomic_write, checkpoint_bytes, checkpoint_name,
+                      describe_volume, looks_like_volume_failure, newest_complete, point_latest, prune_checkpoints,
+                      read_best, read_marker, replace_dir, write_marker)
 
 log = logging.getLogger("ftjob")
 
-DS_TAG = "ds"  # DeepSpeed's own files live in <checkpoint>/ds/
-UNIVERSAL_TAG = "ds_universal"  # ... and their universal form, when a resume needed one
 
 
 def rng_state() -> dict:

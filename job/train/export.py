@@ -10,18 +10,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from .. import faults, pretrained
 from ..errors import BadInput
-from ..rundir import RunPaths, atomic_dir, read_marker, verify_checkpoint, writing
-from .checkpoint import DS_TAG
+from ..rundir import DS_TAG, RunPaths, atomic_dir, read_marker, verify_checkpoint, writing
 
 log = logging.getLogger("ftjob")
 
 
 def export_final(engine, tokenizer, out_dir: Path, rank: int, zero_stage: int) -> None:
     """Collective under ZeRO-3 (parameters are gathered from all ranks); rank 0 writes."""
+    import torch
+
     if zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
@@ -45,6 +44,8 @@ def export_final(engine, tokenizer, out_dir: Path, rank: int, zero_stage: int) -
 def checkpoint_state_dict(path: Path) -> dict:
     """fp32 weights of a checkpoint. ZeRO checkpoints hold the fp32 master weights split across the
     optimizer's partitions (DeepSpeed's zero_to_fp32 merges them); ZeRO 0 keeps them whole."""
+    import torch
+
     ds_dir = path / DS_TAG
     if list(ds_dir.glob("zero_*optim_states.pt")):
         try:
@@ -65,7 +66,7 @@ def export_checkpoint(ckpt: Path, out: Path, spec, replace: bool = False) -> Pat
         raise BadInput(f"checkpoint {ckpt} is not complete ({problem})")
     if out.exists() and not replace:
         raise BadInput(f"{out} exists; choose another --out (nothing is overwritten)")
-    tokenizer = pretrained.load_tokenizer(spec.model.tokenizer or spec.model.path)
+    tokenizer = pretrained.load_hf_tokenizer(spec.model.tokenizer or spec.model.path)
     model = pretrained.load_model(spec.model, tokenizer)
     missing, unexpected = model.load_state_dict(checkpoint_state_dict(ckpt), strict=False)
     # Buffers (rotary frequencies, masks) are rebuilt by the model and a tied head is its embedding:

@@ -1,7 +1,6 @@
-"""What the training step is built from: precision, optimizer, learning-rate schedule, DeepSpeed config."""
+"""What the training step is built from: precision, optimizer, learning-rate schedule, DeepSpeed config.
+Importing it costs no torch: the `ftjob` process checks precision and batch arithmetic with it."""
 from __future__ import annotations
-
-import torch
 
 from ..errors import BadInput
 from ..spec import JobSpec
@@ -17,6 +16,8 @@ def resolve_precision(spec: JobSpec, cuda: bool) -> str:
 
 
 def build_optimizer(spec: JobSpec, model, cuda: bool):
+    import torch
+
     t = spec.train
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "adafactor":

@@ -111,7 +111,7 @@ class Trainer:
         self.schedule = EpochSchedule(len(self.train_store), self.world, t.micro_batch, self.grad_accum, t.seed)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.schedule.steps_per_epoch)
 
-        self.tokenizer = pretrained.load_tokenizer(self.spec.model.tokenizer or self.spec.model.path)
+        self.tokenizer = pretrained.load_hf_tokenizer(self.spec.model.tokenizer or self.spec.model.path)
         model = pretrained.load_model(self.spec.model, self.tokenizer, t.dropout)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable()

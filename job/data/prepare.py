@@ -1,8 +1,13 @@
 """SQLite rows -> cleaned texts -> train/validation split -> text shards -> token shards + manifest.
 
-The split is made on document indices with sklearn's train_test_split, which gives the same membership
-and order as splitting the list of texts itself (the original run's 2635 / 659 from 3294 texts), while
-the texts stay on disk: memory holds one offset per document, not the documents.
+Memory does not grow with the corpus. One pass streams the rows into a JSON-lines file of every usable
+document; while it reads, worker processes (data.workers, default one per core) tokenise that file in work
+units of about UNIT_BYTES (byte ranges, independent of data.shards), each appending its documents' token
+ids to a file of its own, batch by batch. The split is made on document indices with sklearn's
+train_test_split, which gives the same membership and order as splitting the list of texts itself (the
+original run's 2635 / 659 from 3294 texts). The shards are then written document by document in split
+order, copied from the text file and the token file. So the `ftjob` process holds per-document offsets
+(about 20 bytes a document), never texts, and a worker one work unit and the tokens of one batch.
 """
 from __future__ import annotations
 
@@ -11,9 +16,14 @@ import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
+import resource
+import shutil
 import time
+from array import array
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +33,7 @@ from ..errors import DataError
 from ..progress import Progress
 from ..rundir import RunPaths, atomic_dir, read_manifest, sha256_file
 from ..spec import JobSpec
-from .shards import TokenShard, token_dtype, write_token_shard
+from .shards import TokenShard, TokenShardWriter, token_dtype
 from .sqlite_source import TextSource, check_source, iter_texts
 
 log = logging.getLogger("ftjob")
@@ -94,24 +104,22 @@ def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: flo
                  paths.manifest)
         return read_manifest(paths)
 
+    separator = _separator_ids(tok, spec.data.join)
+    dtype = token_dtype(len(tok))
     t0 = time.perf_counter()
-    text_dir, token_dir = (p.relative_to(paths.data) for p in (paths.text_shards, paths.token_shards))
     with atomic_dir(paths.data) as build:
-        (build / text_dir).mkdir()
-        (build / token_dir).mkdir()
-        counts, offsets, all_docs = _collect(spec, build, interval_s)
-        split_order = _split(len(offsets), spec.data.valid_fraction, spec.data.split_seed)
-        text_shards = _write_text_shards(all_docs, offsets, split_order, spec.data.shards, build / text_dir)
-        all_docs.unlink()
-        t_text = time.perf_counter() - t0
-        separator = _separator_ids(tok, spec.data.join)
-        dtype = token_dtype(len(tok))
-        tokenise = functools.partial(tokenise_shard, build=build, tok_name=tok_name, separator=separator,
-                                     block_size=spec.data.block_size, dtype=dtype.str, token_dir=str(token_dir))
-        token_stats = _tokenise_all(text_shards, tokenise, spec.data.workers, interval_s)
-        manifest = _manifest(spec, tok, tok_name, expected, settings, source, counts, split_order, text_shards,
-                             token_stats, separator, dtype, t_text, time.perf_counter() - t0)
+        corpus = _read_and_tokenise(spec, build, tok_name, dtype, interval_s)
+        t_tokens = time.perf_counter() - t0
+        split_order = _split(corpus.n_docs, spec.data.valid_fraction, spec.data.split_seed)
+        shards = _write_shards(corpus, split_order, spec.data.shards, spec.data.block_size, separator, dtype,
+                               build, paths)
+        corpus.remove()
+        seconds = {"read": corpus.read_s, "tokenise": t_tokens - corpus.read_s,
+                   "shards": time.perf_counter() - t0 - t_tokens, "total": time.perf_counter() - t0}
+        manifest = _manifest(spec, tok, tok_name, expected, settings, source, corpus, split_order, shards,
+                             separator, dtype, seconds)
         (build / paths.manifest.name).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    counts = corpus.counts
     log.info("prepare: %d rows read, %d dropped, %d train / %d valid documents, %d / %d blocks of %d tokens "
              "in %.1fs", counts["rows_read"], counts["rows_dropped"], manifest["splits"]["train"]["documents"],
              manifest["splits"]["valid"]["documents"], manifest["splits"]["train"]["blocks"],
@@ -125,26 +133,169 @@ def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: flo
     return manifest
 
 
-def _collect(spec: JobSpec, build: Path, interval_s: float):
-    """Stream rows once: drop unusable texts, append the rest to one file, remember where each starts."""
+@dataclass
+class Corpus:
+    """Every usable document, in reading order: texts as JSON lines in one file, token ids in another."""
+    texts: Path
+    tokens: Path
+    text_offsets: np.ndarray  # n_docs + 1 byte offsets: document i is texts[offsets[i]:offsets[i + 1]]
+    token_lengths: np.ndarray  # tokens of each document, without the separator
+    counts: dict
+    read_s: float
+    worker_max_rss: int | None  # peak RSS of the largest tokenising process, bytes (None: tokenised here)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.token_lengths)
+
+    def remove(self) -> None:
+        self.texts.unlink()
+        self.tokens.unlink()
+
+
+UNIT_BYTES = 4 << 20  # a work unit: enough text that handing it to a process costs nothing beside tokenising it
+BATCH_DOCS, BATCH_BYTES = 1024, 1 << 20  # documents per tokenizer call: bounds a worker's memory
+IN_PROCESS_TEXT_BYTES = 16 << 20  # below this, tokenising processes cost more (start, tokenizer load) than they save
+
+
+def _read_and_tokenise(spec: JobSpec, build: Path, tok_name: str, dtype: np.dtype, interval_s: float) -> Corpus:
+    """Stream rows once: drop unusable texts, append the rest to one file, remember where each starts, and
+    hand every UNIT_BYTES of it to the tokenising processes while reading on."""
     counts = {"rows_read": 0, "rows_dropped": 0, "dropped_null": 0, "dropped_blank": 0}
-    offsets: list[int] = []
-    path = build / "all.jsonl"
-    total = spec.data.limit
-    with open(path, "wb") as out, Progress(total, "reading rows", "rows", interval_s) as bar:
-        for text in iter_texts(text_source(spec)):
-            counts["rows_read"] += 1
-            if text is None or not text.strip():
-                counts["rows_dropped"] += 1
-                counts["dropped_null" if text is None else "dropped_blank"] += 1
-            else:
-                offsets.append(out.tell())
-                out.write(json.dumps({"text": text}, ensure_ascii=False).encode() + b"\n")
-            bar.update(1)
-    if not offsets:
-        raise DataError(f"data: no usable rows in {text_source(spec).describe()} ({counts['rows_read']} read, "
-                        "all NULL, empty or whitespace)")
-    return counts, np.asarray(offsets, dtype=np.int64), path
+    offsets = array("q")  # 8 bytes a document; a list of ints would take 36
+    texts = build / "all.jsonl"
+    t0 = time.perf_counter()
+    with _Tokeniser(build, texts, tok_name, dtype, spec.data.workers) as tokeniser:
+        with open(texts, "wb", buffering=1 << 20) as out, \
+                Progress(spec.data.limit, "reading rows", "rows", interval_s) as bar:
+            pos = unit_start = 0
+            for text in iter_texts(text_source(spec)):
+                counts["rows_read"] += 1
+                if text is None or not text.strip():
+                    counts["rows_dropped"] += 1
+                    counts["dropped_null" if text is None else "dropped_blank"] += 1
+                else:
+                    line = json.dumps({"text": text}, ensure_ascii=False).encode() + b"\n"
+                    offsets.append(pos)
+                    out.write(line)
+                    pos += len(line)
+                    if pos - unit_start >= UNIT_BYTES:
+                        out.flush()
+                        tokeniser.submit(unit_start, pos)
+                        unit_start = pos
+                bar.update(1)
+            out.flush()
+            if pos > unit_start:
+                tokeniser.submit(unit_start, pos)
+        read_s = time.perf_counter() - t0
+        if not offsets:
+            raise DataError(f"data: no usable rows in {text_source(spec).describe()} ({counts['rows_read']} read, "
+                            "all NULL, empty or whitespace)")
+        offsets.append(pos)
+        lengths = tokeniser.finish(build / "all.tok", interval_s)
+    return Corpus(texts, build / "all.tok", np.frombuffer(offsets, dtype=np.int64), lengths, counts, read_s,
+                  tokeniser.worker_max_rss)
+
+
+class _Tokeniser:
+    """Work units (byte ranges of the texts file) to `workers` processes, or to this process while the text
+    is small and data.workers is 0 (one per core); their token files joined in unit order, whatever order
+    they finish in, so the result is the same on any number of processes."""
+
+    def __init__(self, build: Path, texts: Path, tok_name: str, dtype: np.dtype, workers: int):
+        self.work = functools.partial(tokenise_unit, texts=str(texts), tok_name=tok_name, dtype=dtype.str)
+        self.units: list[Path] = []
+        self.pending: list[tuple] = []  # units not handed to a process (yet)
+        self.futures = []
+        self.pool: ProcessPoolExecutor | None = None
+        self.worker_max_rss: int | None = None
+        self.text_bytes = 0
+        self.unit_dir = build / "units"
+        self.unit_dir.mkdir()
+        self.workers = workers
+        if workers:
+            self._start(workers)
+
+    def _start(self, n: int) -> None:
+        # Workers come from a fork server that imported only this module: their memory is theirs alone, not
+        # a copy of whatever this process holds by then, and no thread of this process is forked.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        self.pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init)
+        for unit in self.pending:
+            self.futures.append(self.pool.submit(self.work, *unit))
+        self.pending = []
+
+    def submit(self, start: int, end: int) -> None:
+        unit = (start, end, str(self.unit_dir / f"{len(self.units):06d}.tok"))
+        self.units.append(Path(unit[2]))
+        self.text_bytes += end - start
+        if self.pool is None:
+            self.pending.append(unit)
+            if self.text_bytes >= IN_PROCESS_TEXT_BYTES and not self.workers:
+                self._start(os.cpu_count() or 1)
+        else:
+            self.futures.append(self.pool.submit(self.work, *unit))
+
+    def finish(self, tokens: Path, interval_s: float) -> np.ndarray:
+        """Wait for every unit; append their token files to `tokens` in order; per-document token counts."""
+        lengths, n_tokens = [], 0
+        results = (f.result() for f in self.futures) if self.pool else (self.work(*u) for u in self.pending)
+        with open(tokens, "wb") as out, Progress(len(self.units), "tokenising", "units", interval_s) as bar:
+            for path, result in zip(self.units, results):
+                with open(path, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                path.unlink()
+                lengths.append(result["lengths"])
+                n_tokens += int(result["lengths"].sum())
+                if self.pool:
+                    self.worker_max_rss = max(self.worker_max_rss or 0, result["max_rss"])
+                bar.update(1, tokens=n_tokens)
+        self.unit_dir.rmdir()
+        return np.concatenate(lengths)
+
+    def __enter__(self) -> "_Tokeniser":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init() -> None:
+    # Each process tokenises its own units on one core: the tokenizer's own threads would only compete.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(tok_name: str):
+    # The Rust tokenizer directly: skips the Python BatchEncoding wrapper, and encode_batch_fast skips
+    # character offsets we never use (about 30% faster than tok(batch) on one core).
+    backend = pretrained.load_tokenizer(tok_name).backend_tokenizer
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+
+def tokenise_unit(start: int, end: int, out_path: str, texts: str, tok_name: str, dtype: str) -> dict:
+    """Tokenise the documents in bytes [start, end) of the texts file, BATCH_DOCS / BATCH_BYTES at a time,
+    appending each batch's ids to `out_path`: memory holds the unit's text and one batch's tokens, however
+    much text the whole corpus has. Returns each document's token count and this process's peak RSS."""
+    encode = _encoder(tok_name)
+    with open(texts, "rb") as f:
+        f.seek(start)
+        lines = f.read(end - start).split(b"\n")[:-1]
+    lengths = np.empty(len(lines), dtype=np.int64)
+    with open(out_path, "wb") as out:
+        i = 0
+        while i < len(lines):
+            j, size = i, 0
+            while j < len(lines) and j - i < BATCH_DOCS and size < BATCH_BYTES:
+                size += len(lines[j])
+                j += 1
+            ids = [e.ids for e in encode([json.loads(line)["text"] for line in lines[i:j]], add_special_tokens=False)]
+            lengths[i:j] = [len(x) for x in ids]
+            out.write(np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths[i:j].sum())).data)
+            i = j
+    return {"lengths": lengths, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _split(n_docs: int, valid_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -159,25 +310,42 @@ def _split(n_docs: int, valid_fraction: float, seed: int) -> dict[str, np.ndarra
     return {"train": train, "valid": valid}
 
 
-def _write_text_shards(all_docs: Path, offsets: np.ndarray, split_order, n_shards: int, text_dir: Path):
-    """Each split's documents, in split order, cut into n contiguous text shards (JSON lines)."""
+def _write_shards(corpus: Corpus, split_order, n_shards: int, block_size: int, separator: list[int],
+                  dtype: np.dtype, build: Path, paths: RunPaths) -> dict[str, list[dict]]:
+    """Each split's documents, in split order, cut into n contiguous shards. A text shard holds their JSON
+    lines; a token shard their tokens, each document followed by the separator, cut into blocks of
+    block_size, the tail shorter than a block dropped (as the original run's TextDataset did)."""
+    text_dir, token_dir = (p.relative_to(paths.data) for p in (paths.text_shards, paths.token_shards))
+    (build / text_dir).mkdir()
+    (build / token_dir).mkdir()
+    tokens = np.memmap(corpus.tokens, dtype, mode="r") if corpus.tokens.stat().st_size else np.zeros(0, dtype)
+    starts = np.concatenate([[0], np.cumsum(corpus.token_lengths)])
+    sep = np.asarray(separator, dtype)
+    offsets = corpus.text_offsets
     shards = {}
-    with open(all_docs, "rb") as src:
+    with open(corpus.texts, "rb") as src:
         for split, order in split_order.items():
             shards[split] = []
-            n = min(n_shards, max(1, len(order)))
-            for i, part in enumerate(np.array_split(order, n)):
-                rel = f"{text_dir.name}/{split}-{i:05d}.jsonl"
-                h, size = hashlib.sha256(), 0
-                with open(text_dir / Path(rel).name, "wb") as out:
-                    for doc in part:
-                        src.seek(int(offsets[doc]))
-                        line = src.readline()
-                        out.write(line)
-                        h.update(line)
-                        size += len(line)
-                shards[split].append({"text": rel, "documents": int(len(part)), "text_bytes": size,
-                                      "text_sha256": h.hexdigest()})
+            for i, part in enumerate(np.array_split(order, min(n_shards, max(1, len(order))))):
+                name = f"{split}-{i:05d}"
+                n_tokens = int(corpus.token_lengths[part].sum()) + len(sep) * len(part)
+                text_sha, text_bytes = hashlib.sha256(), 0
+                with open(build / text_dir / f"{name}.jsonl", "wb", buffering=1 << 20) as text_out, \
+                        TokenShardWriter(build / token_dir / f"{name}.bin", block_size, n_tokens // block_size,
+                                         dtype) as token_out:
+                    for doc in part.tolist():
+                        src.seek(offsets[doc])
+                        line = src.read(offsets[doc + 1] - offsets[doc])
+                        text_out.write(line)
+                        text_sha.update(line)
+                        text_bytes += len(line)
+                        token_out.write(tokens[starts[doc]:starts[doc + 1]])
+                        token_out.write(sep)
+                shards[split].append({
+                    "text": f"{text_dir}/{name}.jsonl", "documents": int(len(part)), "text_bytes": text_bytes,
+                    "text_sha256": text_sha.hexdigest(), "tokens": f"{token_dir}/{name}.bin", "n_tokens": n_tokens,
+                    "blocks": n_tokens // block_size, "tokens_bytes": token_out.bytes,
+                    "tokens_sha256": token_out.sha256.hexdigest()})
     return shards
 
 
@@ -189,82 +357,22 @@ def _separator_ids(tok, join: str) -> list[int]:
     return tok("\n", add_special_tokens=False)["input_ids"]
 
 
-IN_PROCESS_TEXT_BYTES = 16e6  # below this, starting tokenising processes costs more than it saves
-
-
-def _tokenise_all(text_shards, tokenise, workers, interval_s):
-    """`tokenise` on every text shard: one process per core (data.workers: 0), or as many as asked. Small
-    data (data.workers: 0 and under 16 MB of text) is tokenised in this process: each worker process
-    would spend a second or two importing transformers for a fraction of that in work."""
-    jobs = [(split, s) for split in SPLITS for s in text_shards[split]]
-    small = sum(s["text_bytes"] for _, s in jobs) < IN_PROCESS_TEXT_BYTES
-    workers = workers or (1 if small else os.cpu_count() or 1)
-    workers = max(1, min(workers, len(jobs)))
-    results = {}
-    with Progress(len(jobs), "tokenising", "shards", interval_s) as bar:
-        if workers == 1:
-            outs = map(tokenise, [s for _, s in jobs])
-        else:
-            pool = ProcessPoolExecutor(workers)
-            outs = pool.map(tokenise, [s for _, s in jobs])
-        for (split, shard), out in zip(jobs, outs):
-            results[(split, shard["text"])] = out
-            bar.update(1, tokens=sum(r["n_tokens"] for r in results.values()))
-        if workers > 1:
-            pool.shutdown()
-    return results
-
-
-def tokenise_shard(shard: dict, build: Path, tok_name: str, separator: list[int], block_size: int,
-                   dtype: str, token_dir: str) -> dict:
-    """One text shard -> one token shard. Runs in a worker process; documents are joined by `separator`
-    and the stream is cut into blocks of block_size, the tail shorter than a block dropped (as the
-    original run's TextDataset did)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per shard already uses every core
-    tok = pretrained.load_tokenizer(tok_name)
-    # The Rust tokenizer directly: skips the Python BatchEncoding wrapper, and encode_batch_fast skips
-    # character offsets we never use (about 30% faster than tok(batch) on one core).
-    backend = tok.backend_tokenizer
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    pieces, batch = [], []
-
-    def flush():
-        encodings = encode(batch, add_special_tokens=False)
-        pieces.append(np.fromiter(itertools.chain.from_iterable(e.ids + separator for e in encodings), np.int64))
-        batch.clear()
-
-    with open(build / shard["text"], encoding="utf-8") as f:
-        for line in f:
-            batch.append(json.loads(line)["text"])
-            if len(batch) == 1024:
-                flush()
-    if batch:
-        flush()
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
-    n_tokens = len(stream)
-    n_blocks = n_tokens // block_size
-    blocks = stream[: n_blocks * block_size].astype(dtype).reshape(n_blocks, block_size)
-    rel = f"{token_dir}/{Path(shard['text']).stem}.bin"
-    write_token_shard(build / rel, blocks)
-    return {"tokens": rel, "n_tokens": int(n_tokens), "blocks": int(n_blocks),
-            "tokens_bytes": (build / rel).stat().st_size, "tokens_sha256": sha256_file(build / rel)}
-
-
-def _manifest(spec, tok, tok_name, expected, settings, source, counts, split_order, text_shards, token_stats,
-              separator, dtype, t_text, t_total):
+def _manifest(spec, tok, tok_name, expected, settings, source, corpus: Corpus, split_order, shards, separator,
+              dtype, seconds):
     splits = {}
     for split in SPLITS:
-        shards = [{**s, **token_stats[(split, s["text"])]} for s in text_shards[split]]
-        splits[split] = {"documents": int(len(split_order[split])), "shards": shards,
-                         "tokens": sum(s["n_tokens"] for s in shards), "blocks": sum(s["blocks"] for s in shards),
-                         "text_bytes": sum(s["text_bytes"] for s in shards)}
+        splits[split] = {"documents": int(len(split_order[split])), "shards": shards[split],
+                         "tokens": sum(s["n_tokens"] for s in shards[split]),
+                         "blocks": sum(s["blocks"] for s in shards[split]),
+                         "text_bytes": sum(s["text_bytes"] for s in shards[split])}
     return {
         "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "input_hash": expected,
-        "source": text_source(spec).describe(), "settings": settings, "source_identity": source, **counts,
+        "source": text_source(spec).describe(), "settings": settings, "source_identity": source, **corpus.counts,
         "tokenizer": {"source": tok_name, "fingerprint": pretrained.tokenizer_fingerprint(tok),
                       "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "separator": separator},
         "block_size": spec.data.block_size, "dtype": dtype.name, "join": spec.data.join, "splits": splits,
-        "seconds": {"text": round(t_text, 3), "tokenise": round(t_total - t_text, 3), "total": round(t_total, 3)},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "worker_max_rss_bytes": corpus.worker_max_rss,
     }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -196,12 +195,6 @@ def run_checkpoint(tiny: bool) -> dict:
 # ------------------------------------------------------------------ data path
 
 
-def _bench_database(path: Path, rows: int) -> Path:
-    from .demo import write_database
-
-    return write_database(path, n_rows=rows)
-
-
 # A synthetic language for data-path measurements at scale: the demo's 50-word grammar tokenises at an
 # unrealistic 8 MB/s per core into 5 bytes per token, while real text with a 32K BPE costs several times
 # that per byte. Words are drawn from two lexicons of made-up words (Latin and Cyrillic syllables) by a
@@ -279,57 +272,161 @@ def write_bpe_tokenizer(path: Path, database: Path, table: str = "pages", vocab_
     return Path(path)
 
 
-def run_data_path(rows: int, workers: int) -> dict:
-    """SQLite rows -> token shards: `ftjob prepare` with 1 and with all workers, and the straightforward
-    baseline (pandas read_sql, tokenizer call per document, Python packing into blocks)."""
+def measure_tree(cmd: list[str], env: dict | None = None, timeout: float = 7200) -> dict:
+    """Run `cmd` (which prints `RESULT {json}` last) and sample the memory of its whole process tree
+    (it, its children and theirs) every 0.2 s: peak of the summed RSS (shared pages counted in every
+    process, as `ps` shows them) and of the summed PSS (shared pages split between their processes: the
+    memory the tree really holds). Returns the command's result with wall_s, peak_rss_mib, peak_pss_mib."""
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        top, peak_rss, peak_pss = psutil.Process(proc.pid), 0, 0
+        while proc.poll() is None and time.perf_counter() - t0 < timeout:
+            rss = pss = 0
+            try:
+                tree = [top] + top.children(recursive=True)
+            except psutil.NoSuchProcess:
+                break
+            for p in tree:
+                try:
+                    m = p.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss, pss = rss + m.rss, pss + m.pss
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        lines = [line for line in out.read().splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            return {"failed": " ".join(cmd[:4]), "rc": proc.returncode, "stderr": err.read()[-1500:]}
+    return {**json.loads(lines[-1][7:]), "process_wall_s": round(wall, 1), "peak_rss_mib": round(peak_rss / 2**20),
+            "peak_pss_mib": round(peak_pss / 2**20)}
+
+
+def data_prepare_variant(database: str, table: str, tokenizer: str, workers: int, shards: int) -> dict:
+    """`ftjob prepare` of the table, in a temporary run directory: figures from its manifest."""
     from . import spec as spec_lib
     from .data.prepare import prepare
-    from .demo import write_tiny_model
     from .rundir import RunPaths
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        db = _bench_database(tmp / "bench.sqlite", rows)
-        model = write_tiny_model(tmp / "model", db)
-        out = {"rows": rows}
-        for n in sorted({1, workers}):
-            spec = spec_lib.from_dict({"name": f"w{n}", "output_dir": str(tmp / "runs"),
-                                       "data": {"database": str(db), "table": "en", "text_column": "body_text",
-                                                "shards": max(4, n * 2), "workers": n, "block_size": 64},
-                                       "model": {"path": str(model)}})
-            paths = RunPaths(spec.run_dir)
-            paths.root.mkdir(parents=True)
-            t0 = time.perf_counter()
-            m = prepare(spec, paths)
-            seconds = time.perf_counter() - t0
-            mb = (m["splits"]["train"]["text_bytes"] + m["splits"]["valid"]["text_bytes"]) / 1e6
-            out[f"ftjob_{n}_workers_mb_s"] = round(mb / seconds, 2)
-        out["text_mb"] = round(mb, 2)
-        # Peak memory of ftjob's prepare: this process (reader, splitter) and its tokenising workers,
-        # measured before the baseline runs, which holds every text in a DataFrame.
-        out["ftjob_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        out["ftjob_worker_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    with tempfile.TemporaryDirectory(dir=Path(database).parent) as tmp:
+        spec = spec_lib.from_dict({"name": "bench", "output_dir": tmp, "model": {"path": tokenizer},
+                                   "data": {"database": database, "table": table, "text_column": "body_text",
+                                            "workers": workers, "shards": shards, "block_size": 64}})
+        paths = RunPaths(spec.run_dir)
+        paths.root.mkdir(parents=True)
         t0 = time.perf_counter()
-        _baseline_prepare(db, model, 64)
-        out["baseline_mb_s"] = round(mb / (time.perf_counter() - t0), 2)
-        out["baseline_max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return out
+        m = prepare(spec, paths, interval_s=3600)
+        seconds = time.perf_counter() - t0
+    splits = m["splits"].values()
+    return {"rows": m["rows_read"], "documents": sum(s["documents"] for s in splits),
+            "text_bytes": sum(s["text_bytes"] for s in splits),
+            # tokens without the separators prepare adds between documents: what the raw tokenizer counts
+            "tokens": sum(s["tokens"] for s in splits) - len(m["tokenizer"]["separator"]) * sum(
+                s["documents"] for s in splits),
+            "seconds": round(seconds, 2), "phases_s": m["seconds"], "processes": workers,
+            "worker_max_rss_mib": round((m["worker_max_rss_bytes"] or 0) / 2**20)}
 
 
-def _baseline_prepare(db: Path, model: Path, block: int) -> list:
+def _raw_part(database: str, table: str, tokenizer: str, part: int, parts: int) -> dict:
+    """One process of the raw-tokenizer measurement: its share of the rows into memory, then, timed, only
+    `encode_batch` over them in batches of prepare's size."""
+    import sqlite3
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process, as prepare's workers
+    from .data.prepare import BATCH_DOCS
+    from .pretrained import load_tokenizer
+
+    backend = load_tokenizer(tokenizer).backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    texts = [t for (t,) in conn.execute(f'SELECT body_text FROM "{table}" WHERE rowid % {parts} = {part}')
+             if t and t.strip()]
+    conn.close()
+    start, tokens = time.time(), 0
+    for i in range(0, len(texts), BATCH_DOCS):
+        tokens += sum(len(e) for e in encode(texts[i:i + BATCH_DOCS], add_special_tokens=False))
+    return {"start": start, "end": time.time(), "tokens": tokens, "text_bytes": sum(len(t.encode()) for t in texts)}
+
+
+def data_raw_variant(database: str, table: str, tokenizer: str, processes: int) -> dict:
+    """The raw tokenizer on the same texts and as many processes: tokens over the time from the first
+    process starting to encode to the last one finishing (reading the rows and loading the tokenizer not
+    counted)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        parts = list(pool.map(_raw_part, *zip(*[(database, table, tokenizer, k, processes) for k in range(processes)])))
+    seconds = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    return {"text_bytes": sum(p["text_bytes"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
+            "seconds": round(seconds, 2), "processes": processes}
+
+
+def data_baseline_variant(database: str, table: str, tokenizer: str) -> dict:
+    """The straightforward way (the original run's): pandas read_sql, one tokenizer call per document,
+    Python packing into blocks of 64, all in memory."""
     import sqlite3
 
     import pandas as pd
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model)
-    with sqlite3.connect(db) as conn:
-        df = pd.read_sql("SELECT body_text FROM en", conn)
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    with sqlite3.connect(database) as conn:
+        df = pd.read_sql(f'SELECT body_text FROM "{table}"', conn)
     texts = [t for t in df["body_text"].dropna().tolist() if t.strip()]
     ids: list[int] = []
     for t in texts:
         ids.extend(tok(t + "\n")["input_ids"])
-    return [ids[i:i + block] for i in range(0, len(ids) - block + 1, block)]
+    blocks = [ids[i:i + 64] for i in range(0, len(ids) - 63, 64)]
+    return {"text_bytes": sum(len(t.encode()) for t in texts), "blocks": len(blocks),
+            "seconds": round(time.perf_counter() - t0, 2), "processes": 1}
+
+
+DATA_VARIANTS = {"data_prepare": data_prepare_variant, "data_raw": data_raw_variant,
+                 "data_baseline": data_baseline_variant}
+
+
+def data_corpus(directory: Path, text_mb: float) -> tuple[Path, Path]:
+    """The synthetic corpus of about text_mb MB and its 32K byte-level BPE, made once in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    db, tok = directory / f"synthetic-{text_mb:g}mb.sqlite", directory / f"bpe32k-{text_mb:g}mb"
+    if not db.exists():
+        write_synthetic_database(db.with_suffix(".tmp"), int(text_mb * 1e6))
+        db.with_suffix(".tmp").rename(db)
+    if not (tok / "tokenizer.json").exists():
+        write_bpe_tokenizer(tok, db, vocab_size=32_000 if text_mb >= 20 else 4_000)
+    return db, tok
+
+
+def run_data_path(text_mb: float, workers: int, corpus_dir: Path | None = None) -> dict:
+    """SQLite rows -> token shards with `ftjob prepare` on `workers` processes, beside the raw tokenizer
+    (`encode_batch` of the same texts on as many processes), each in a fresh process whose whole tree's
+    memory is sampled; and, up to 100 MB, the straightforward pandas + per-document baseline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db, tok = data_corpus(corpus_dir or Path(tmp), text_mb)
+        me = [sys.executable, "-m", "job.bench", "--variant"]
+        args = [str(db), "pages", str(tok)]
+        out = {"prepare": measure_tree(me + ["data_prepare"] + args + [str(workers), "4"]),
+               "raw_tokenizer": measure_tree(me + ["data_raw"] + args + [str(workers)])}
+        if text_mb <= 100:
+            out["baseline"] = measure_tree(me + ["data_baseline"] + args)
+    prep, raw = out["prepare"], out["raw_tokenizer"]
+    if "failed" not in prep and "failed" not in raw:
+        for r in (prep, raw):
+            r["tokens_per_s_per_process"] = round(r["tokens"] / r["seconds"] / r["processes"])
+            r["mb_per_s_per_process"] = round(r["text_bytes"] / 1e6 / r["seconds"] / r["processes"], 2)
+        out["prepare_vs_raw"] = round(prep["tokens"] / prep["seconds"] / (raw["tokens"] / raw["seconds"]), 3)
+    return out
 
 
 def run_loader(block: int = 64, batch: int = 128, n_blocks: int = 200_000) -> dict:
@@ -375,10 +472,18 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma list of: " + ",".join(list(TRAIN_VARIANTS) + ["data", "loader", "checkpoint"]))
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--rows", type=int, default=20000, help="rows in the data-path benchmark database")
+    p.add_argument("--data-mb", type=float, default=200, help="MB of synthetic text in the data-path benchmark")
+    p.add_argument("--data-dir", type=Path, help="keep the data-path corpus here (made once, reused)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-path processes (default: cores)")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     p.add_argument("--json", type=Path, help="also write all results to this file")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.variant in DATA_VARIANTS:
+        print("RESULT " + json.dumps(DATA_VARIANTS[args.variant](*[int(a) if a.isdigit() else a for a in rest])),
+              flush=True)
+        return 0
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.variant == "checkpoint":
         print("RESULT " + json.dumps(run_checkpoint(args.tiny)), flush=True)
         return 0
@@ -391,7 +496,7 @@ def main(argv=None) -> int:
     for name in wanted:
         t0 = time.perf_counter()
         if name == "data":
-            r = {"data_path": run_data_path(args.rows, os.cpu_count() or 1)}
+            r = {"data_path": run_data_path(args.data_mb, args.workers, args.data_dir)}
         elif name == "loader":
             r = {"loader": run_loader()}
         else:  # training and checkpoint variants: each in a fresh process

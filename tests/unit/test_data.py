@@ -188,3 +188,42 @@ def test_spec_errors_name_key_and_line(tmp_path):
     assert spec.data.database == str(tmp_path / "a.db")  # relative to the spec file
     with pytest.raises(spec_lib.SpecError, match="train.micro_batch: must be greater than 0"):
         spec_lib.load(p, ["train.micro_batch=0"])
+
+
+def test_eval_blocks_auto_keeps_evaluation_a_sixth_of_training_and_the_original_run_evaluates_everything():
+    from job.data.schedule import evaluations
+
+    t = spec_lib.load(ROOT / "examples" / "wikibooks-ru.yaml").train
+    assert t.eval_blocks == "auto" and t.final_eval == "subset"
+    # The original run: 5860 steps of 128 blocks (10 epochs of ~75,000), evaluations every 500 steps. Its
+    # 659 validation texts of 3294 make about 659 / 2635 x 75,000 = 18,757 blocks; auto covers them all,
+    # with room for a split a third longer than its share.
+    evals = evaluations(5860, 500)
+    assert evals == 13
+    for valid in (18_757, 25_000):
+        assert t.eval_blocks_for(valid, 5860 * 128, evals) == valid
+    # 50 GB of text: 160M training blocks of 64 in one epoch, 40M validation blocks, batches of 512,
+    # evaluations every 500 steps: each covers 128K blocks (not 40M), all of them half of what is trained.
+    steps = 160_000_000 // 512
+    evals = evaluations(steps, 500)
+    per_eval = t.eval_blocks_for(40_000_000, 160_000_000, evals)
+    assert per_eval == 127_796 and abs(per_eval * evals / 160_000_000 - 0.5) < 1e-3
+    assert t.eval_blocks_for(10_000, 100, 2) == 256  # at least 256 blocks for a meaningful mean ...
+    assert t.eval_blocks_for(100, 100, 2) == 100  # ... and never more than there are
+    set_to = lambda v: spec_lib.TrainSpec(eval_blocks=v)  # noqa: E731
+    assert set_to(0).eval_blocks_for(5000, 10**6, 3) == 5000 and set_to(40).eval_blocks_for(5000, 10**6, 3) == 40
+    for bad in (-1, "many", 1.5):
+        with pytest.raises(Exception, match="eval_blocks"):
+            spec_lib.from_dict({"name": "x", "output_dir": "/o", "data": {"database": "d", "table": "t"},
+                                "model": {"path": "m"}, "train": {"eval_blocks": bad}})
+
+
+def test_the_eval_subset_is_fixed_by_the_seed():
+    from job.data.schedule import eval_subset
+
+    a = eval_subset(10_000, 300, seed=42)
+    assert len(a) == len(set(a.tolist())) == 300 and a.tolist() == sorted(a.tolist()) and a.max() < 10_000
+    assert np.array_equal(a, eval_subset(10_000, 300, seed=42))  # every evaluation, every attempt
+    assert not np.array_equal(a, eval_subset(10_000, 300, seed=43))
+    assert a.max() > 5_000 and a.tolist() != list(range(a.min(), a.min() + 300))  # drawn, not a run of blocks
+    assert eval_subset(50, 300, seed=42).tolist() == list(range(50))

@@ -96,6 +96,14 @@ def test_shards_and_manifest_describe_each_other(demo_assets, tmp_path):
     assert json.loads(first)["text"].strip()  # one readable document per line
 
 
+def test_tokenising_processes_give_what_this_process_gives(demo_assets, tmp_path):
+    """data.workers 0 tokenises small data in the job's own process; 2 processes make the same shards."""
+    here, two = (prepare(spec, RunPaths(spec.run_dir)) for spec in (
+        make_spec(demo_assets, tmp_path / "here"), make_spec(demo_assets, tmp_path / "two", workers=2)))
+    assert here["worker_max_rss_bytes"] is None and two["worker_max_rss_bytes"] > 0
+    assert here["splits"] == two["splits"]  # every shard's sha256, text and tokens
+
+
 def test_prepare_skips_unchanged_inputs_and_rebuilds_changed_ones(demo_assets, tmp_path, caplog):
     spec = make_spec(demo_assets, tmp_path)
     paths = RunPaths(spec.run_dir)

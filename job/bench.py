@@ -1,5 +1,6 @@
-"""`ftjob bench`: the job's own training step beside the HF Trainer baseline, and the data path beside a
-straightforward pandas + per-document tokenizer baseline, on one machine in one run.
+"""`ftjob bench`: the job's own training step beside the HF Trainer baseline, and the data path (`ftjob
+prepare`) beside the raw tokenizer on as many processes and a pandas + per-document baseline, on one
+machine in one run.
 
 Each training variant runs in a fresh subprocess (its own CUDA context and compile caches) and prints one
 `RESULT {json}` line; the parent prints a table. `--tiny` uses a 2-layer model so CI keeps the script
@@ -424,9 +425,9 @@ def run_data_path(text_mb: float, workers: int, corpus_dir: Path | None = None) 
             out["baseline"] = measure_tree(me + ["data_baseline"] + args)
     prep, raw = out["prepare"], out["raw_tokenizer"]
     if "failed" not in prep and "failed" not in raw:
-        for r in (prep, raw):
+        for r in (prep, raw):  # MB of UTF-8 text (prepare's text_bytes are its JSON lines: a little more)
             r["tokens_per_s_per_process"] = round(r["tokens"] / r["seconds"] / r["processes"])
-            r["mb_per_s_per_process"] = round(r["text_bytes"] / 1e6 / r["seconds"] / r["processes"], 2)
+            r["mb_per_s_per_process"] = round(raw["text_bytes"] / 1e6 / r["seconds"] / r["processes"], 2)
         out["prepare_vs_raw"] = round(prep["tokens"] / prep["seconds"] / (raw["tokens"] / raw["seconds"]), 3)
     return out
 
@@ -466,6 +467,16 @@ def _print_table(results: list[dict]) -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = r["peak_mem_gib"] if r.get("peak_mem_gib") is not None else "-"
         print(f"{r['variant']:24} {r['tokens_per_s']:>10,} {mfu:>6} {mem!s:>9} {ratio:>6} {r.get('batch', ''):>7} {r['device']}")
+    for d in (r["data_path"] for r in results if "data_path" in r):
+        print(f"\n{'data path':24} {'processes':>9} {'seconds':>8} {'tokens/s/proc':>13} {'MB/s/proc':>9} "
+              f"{'peak RSS':>9} {'peak PSS':>9}")
+        for name in ("prepare", "raw_tokenizer", "baseline"):
+            r = d.get(name)
+            if r and "failed" not in r:
+                print(f"{name:24} {r['processes']:>9} {r['seconds']:>8} {r.get('tokens_per_s_per_process', '-'):>13} "
+                      f"{r.get('mb_per_s_per_process', '-'):>9} {r['peak_rss_mib']:>5} MiB {r['peak_pss_mib']:>5} MiB")
+        if "prepare_vs_raw" in d:
+            print(f"prepare / raw tokenizer: {d['prepare_vs_raw']:.2f} (tokens/s, same texts, same processes)")
 
 
 def main(argv=None) -> int:

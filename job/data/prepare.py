@@ -1,13 +1,14 @@
 """SQLite rows -> cleaned texts -> train/validation split -> text shards -> token shards + manifest.
 
-Memory does not grow with the corpus. One pass streams the rows into a JSON-lines file of every usable
-document; while it reads, worker processes (data.workers, default one per core) tokenise that file in work
-units of about UNIT_BYTES (byte ranges, independent of data.shards), each appending its documents' token
-ids to a file of its own, batch by batch. The split is made on document indices as sklearn's
-train_test_split makes it, which gives the same membership and order as splitting the list of texts itself
-(the original run's 2635 / 659 from 3294 texts). The shards are then written document by document in split
-order, copied from the text file and the token file. So the `ftjob` process holds per-document offsets
-(about 20 bytes a document), never texts, and a worker one work unit and the tokens of one batch.
+Memory does not grow with the corpus. One pass streams the rows; every UNIT_BYTES of usable texts is a
+work unit (independent of data.shards) for one of data.workers processes (default: one per core), which
+writes the unit's JSON lines and token ids to files of its own, batch by batch; the units' files are
+appended to one text file and one token file in reading order, so the result is the same on any number
+of processes. The split is made on document indices as sklearn's train_test_split makes it, which gives
+the same membership and order as splitting the list of texts itself (the original run's 2635 / 659 from
+3294 texts). The shards are then copied document by document, in split order, from the two files, memory
+mapped. So the `ftjob` process holds the units in flight and per-document offsets and token counts, never
+all the texts; a worker one unit and the tokens of one batch.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ import os
 import resource
 import shutil
 import time
-from json.encoder import encode_basestring
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ import numpy as np
 from .. import pretrained
 from ..errors import DataError
 from ..progress import Progress
-from ..rundir import RunPaths, atomic_dir, read_manifest, sha256_file
+from ..rundir import RunPaths, atomic_dir, read_manifest
 from ..spec import JobSpec
 from .shards import TokenShard, TokenShardWriter, token_dtype
 from .sqlite_source import TextSource, check_source, iter_texts

@@ -7,8 +7,8 @@ ftjob does not depend on `datasets`; give its directory for that variant alone, 
 
     python bench/datasets_compare.py --dir /tmp/corpus --mb 1050 --datasets-path /tmp/dsdeps
 
-The corpus (job/bench.py write_synthetic_database, a 32K byte-level BPE trained on its first 30 MB) is
-made once in --dir and reused. The figures are in BENCHMARKS.md.
+The corpus (job/bench.py data_corpus: the synthetic language and a 32K byte-level BPE trained on its
+first 30 MB, or --corpus demo) is made once in --dir and reused. The figures are in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -68,6 +68,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dir", type=Path, required=True, help="where the corpus is made once and kept")
     p.add_argument("--mb", type=float, default=1050, help="MB of text in the corpus")
+    p.add_argument("--corpus", choices=["synthetic", "demo"], default="synthetic",
+                   help="synthetic language and a 32K BPE, or the demo's grammar and tokenizer (faster)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--datasets-path", required=True, help="a directory where `datasets` is importable")
     p.add_argument("--only", default="prepare,raw_tokenizer,datasets")
@@ -82,7 +84,7 @@ def main() -> int:
     from job.bench import data_corpus, measure_tree
 
     t0 = time.perf_counter()
-    db, tok = data_corpus(args.dir, args.mb)
+    db, tok = data_corpus(args.dir, args.mb, args.corpus)
     print(f"corpus {db} ({db.stat().st_size / 1e9:.2f} GB file), tokenizer {tok}: ready in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -92,7 +94,7 @@ def main() -> int:
             "raw_tokenizer": (me + ["data_raw", str(db), "pages", str(tok), str(args.workers)], env),
             "datasets": ([sys.executable, __file__, "--dir", str(args.dir), "--datasets-path", args.datasets_path,
                           "--variant", str(db), "pages", str(tok), str(args.workers)], ds_env)}
-    results = {"corpus_mb": args.mb, "workers": args.workers, "cpus": os.cpu_count()}
+    results = {"corpus": args.corpus, "corpus_mb": args.mb, "workers": args.workers, "cpus": os.cpu_count()}
     for name in args.only.split(","):
         cmd, e = runs[name]
         r = measure_tree(cmd, env=e)

@@ -96,12 +96,22 @@ def test_shards_and_manifest_describe_each_other(demo_assets, tmp_path):
     assert json.loads(first)["text"].strip()  # one readable document per line
 
 
-def test_tokenising_processes_give_what_this_process_gives(demo_assets, tmp_path):
-    """data.workers 0 tokenises small data in the job's own process; 2 processes make the same shards."""
-    here, two = (prepare(spec, RunPaths(spec.run_dir)) for spec in (
-        make_spec(demo_assets, tmp_path / "here"), make_spec(demo_assets, tmp_path / "two", workers=2)))
-    assert here["worker_max_rss_bytes"] is None and two["worker_max_rss_bytes"] > 0
-    assert here["splits"] == two["splits"]  # every shard's sha256, text and tokens
+def test_tokenising_processes_give_what_this_process_gives(demo_assets, tmp_path, monkeypatch):
+    """data.workers 0 tokenises small data in the job's own process. With work units of 50 KB (5 of the
+    demo's text): 2 processes, and data.workers 0 past a 100 KB threshold (the processes start once that
+    much is read, and take the units read so far), make the same shards, byte for byte."""
+    from job.data import prepare as prepare_module
+
+    here = make_spec(demo_assets, tmp_path / "here")
+    here = prepare(here, RunPaths(here.run_dir))
+    assert here["worker_max_rss_bytes"] is None
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 50_000)
+    monkeypatch.setattr(prepare_module, "IN_PROCESS_TEXT_BYTES", 100_000)
+    for name, workers in (("two", 2), ("started", 0)):
+        spec = make_spec(demo_assets, tmp_path / name, workers=workers)
+        got = prepare(spec, RunPaths(spec.run_dir))
+        assert got["worker_max_rss_bytes"] > 0, name  # tokenised in processes
+        assert got["splits"] == here["splits"], name  # every shard's sha256, text and tokens
 
 
 def test_prepare_skips_unchanged_inputs_and_rebuilds_changed_ones(demo_assets, tmp_path, caplog):

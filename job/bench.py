@@ -344,10 +344,11 @@ def _raw_part(database: str, table: str, tokenizer: str, part: int, parts: int) 
     import sqlite3
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process, as prepare's workers
-    from .data.prepare import BATCH_DOCS
-    from .pretrained import load_tokenizer
+    from tokenizers import Tokenizer
 
-    backend = load_tokenizer(tokenizer).backend_tokenizer
+    from .data.prepare import BATCH_DOCS
+
+    backend = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json"))  # what prepare's workers run
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     texts = [t for (t,) in conn.execute(f'SELECT body_text FROM "{table}" WHERE rowid % {parts} = {part}')

@@ -156,10 +156,10 @@ class Trainer:
         size = t.eval_blocks_for(n_valid, self.schedule.blocks_trained(self.total_steps),
                                  evaluations(self.total_steps, t.eval_every))
         if self.rank == 0 and n_valid:
-            log.info("evaluation: %s validation blocks (train.eval_blocks %s)%s",
-                     "all %d" % n_valid if size == n_valid else f"a fixed subset of {size:,} of {n_valid:,}",
-                     t.eval_blocks, "; the last one on all of them too (train.final_eval: full)"
-                     if t.final_eval == "full" and size < n_valid else "")
+            what = f"all {n_valid:,}" if size == n_valid else f"a fixed subset of {size:,} of the {n_valid:,}"
+            full = "; at the end, all of them too (train.final_eval: full)" if t.final_eval == "full" \
+                and size < n_valid else ""
+            log.info("evaluations: %s validation blocks (train.eval_blocks: %s)%s", what, t.eval_blocks, full)
         return {"setting": t.eval_blocks, "size": size}
 
     def all_agree_to_stop(self) -> bool:

@@ -21,10 +21,11 @@ EVAL_BLOCKS = 40
 
 def resume_spec(tmp: Path, demo_spec: dict, name: str, **extra) -> Path:
     # fp32 and the model's own dropout (0.1): exactness needs the RNG states restored, not just weights.
-    # Evaluations at steps 0, 20 and 40 (one per attempt of the interrupted run), on 40 of the 121 blocks.
+    # Evaluations at steps 0, 20 and 40 (one per attempt of the interrupted run), on 40 of the 121 blocks,
+    # and a pass over all 121 at the end.
     settings = dict(output_dir=str(tmp / "runs"), name=name, train__precision="fp32", train__max_steps=40,
-                    train__log_every=1, train__eval_every=20, train__eval_blocks=EVAL_BLOCKS, train__sample_every=0,
-                    train__checkpoint_every=1000, generation__max_length=12)
+                    train__log_every=1, train__eval_every=20, train__eval_blocks=EVAL_BLOCKS, train__final_eval="full",
+                    train__sample_every=0, train__checkpoint_every=1000, generation__max_length=12)
     settings.update(extra)
     return write_spec(tmp / f"{name}.yaml", demo_spec, **settings)
 
@@ -118,14 +119,17 @@ def test_preempted_twice_while_the_database_changes_resumes_exactly(reference, d
 def check_eval_subset(run: Path, trace: Path, reference_evals: list[dict]) -> None:
     """The evaluations at steps 0, 20 and 40 (three attempts) covered the same EVAL_BLOCKS validation
     blocks, and the last one's loss is the mean loss over those blocks of the exported model, computed
-    here with plain transformers and numpy from the token shards."""
+    here with plain transformers and numpy from the token shards; the final full pass's, over all."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    evals = jsonl(run / "eval.jsonl")
-    assert [(e["step"], e["blocks"], e["valid_blocks"]) for e in evals] == [(0, 40, 121), (20, 40, 121), (40, 40, 121)]
-    for got, want in zip(evals, reference_evals):  # comparable across resumes: the uninterrupted run's losses
+    records = jsonl(run / "eval.jsonl")
+    assert [(e["step"], e["blocks"], e["valid_blocks"], e.get("full")) for e in records] == \
+        [(0, 40, 121, None), (20, 40, 121, None), (40, 40, 121, None), (40, 121, 121, True)]
+    evals, full = records[:3], records[3]
+    assert "best" not in full  # a full pass is not compared with the subset's losses
+    for got, want in zip(records, reference_evals):  # comparable across resumes: the uninterrupted run's losses
         assert abs(got["loss"] - want["loss"]) <= 1e-6, (got, want)
     seen: dict[int, list[int]] = {}
     for f in trace.glob("eval-rank*.txt"):
@@ -133,6 +137,9 @@ def check_eval_subset(run: Path, trace: Path, reference_evals: list[dict]) -> No
             step, *blocks = map(int, line.split())
             seen.setdefault(step, []).extend(blocks)
     assert sorted(seen) == [0, 20, 40]
+    everything = [int(b) for f in trace.glob("eval-full-rank*.txt") for line in f.read_text().splitlines()
+                  for b in line.split()[1:]]
+    assert sorted(everything) == list(range(121))
     subset = sorted(seen[0])
     assert len(subset) == EVAL_BLOCKS == len(set(subset)) and all(sorted(b) == subset for b in seen.values())
 
@@ -142,7 +149,8 @@ def check_eval_subset(run: Path, trace: Path, reference_evals: list[dict]) -> No
                             for s in manifest["splits"]["valid"]["shards"]])
     assert len(valid) == 121 and max(subset) < 121
     model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
-    x = torch.from_numpy(valid[subset].astype(np.int64))
-    with torch.no_grad():
-        loss = model(input_ids=x, labels=x).loss.item()
-    assert abs(loss - evals[-1]["loss"]) <= 1e-5, (loss, evals[-1]["loss"])
+    for blocks, record in ((subset, evals[-1]), (list(range(121)), full)):
+        x = torch.from_numpy(valid[blocks].astype(np.int64))
+        with torch.no_grad():
+            loss = model(input_ids=x, labels=x).loss.item()
+        assert abs(loss - record["loss"]) <= 1e-5, (loss, record)

@@ -372,8 +372,7 @@ def _write_shards(corpus: Corpus, split_order, n_shards: int, block_size: int, s
     (build / text_dir).mkdir()
     (build / token_dir).mkdir()
     shards = {}
-    with _Mapped(corpus.texts, np.uint8) as texts, _Mapped(corpus.tokens, dtype) as tokens:
-        pieces = _Pieces(texts, corpus.text_offsets, tokens, corpus.token_lengths, np.asarray(separator, dtype))
+    with _Pieces(corpus, separator, dtype) as pieces:
         for split, order in split_order.items():
             shards[split] = []
             for i, part in enumerate(np.array_split(order, min(n_shards, max(1, len(order))))):
@@ -400,40 +399,30 @@ def _write_shards(corpus: Corpus, split_order, n_shards: int, block_size: int, s
 SHARD_CHUNK_DOCS = 4096  # documents copied per write while making shards (at most a few MB of text)
 
 
-class _Mapped:
-    """A file memory-mapped as a flat array (empty files too, which np.memmap refuses)."""
-
-    def __init__(self, path: Path, dtype):
-        self.path, self.dtype, self.map = path, np.dtype(dtype), None
-
-    def __enter__(self) -> np.ndarray:
-        if not self.path.stat().st_size:
-            return np.zeros(0, self.dtype)
-        self.map = np.memmap(self.path, self.dtype, mode="r")
-        return self.map.view(np.ndarray)  # plain slices: no memmap subclass per document
-
-    def __exit__(self, *exc) -> None:
-        if self.map is not None:
-            self.map._mmap.close()
-
-
-@dataclass
 class _Pieces:
-    """Documents' JSON lines and token runs (+ separator), gathered from the mapped corpus files."""
-    texts: np.ndarray
-    text_offsets: np.ndarray
-    tokens: np.ndarray
-    token_lengths: np.ndarray
-    separator: np.ndarray
+    """Documents' JSON lines and token runs (each + the separator), read from the corpus files with pread:
+    memory holds one chunk of documents; the files stay in the page cache, not in this process (a memory
+    map would count every page it touched in the process's resident memory)."""
 
-    def __post_init__(self):
-        self.token_starts = np.concatenate([[0], np.cumsum(self.token_lengths)])
+    def __init__(self, corpus: Corpus, separator: list[int], dtype: np.dtype):
+        self.text_offsets, self.dtype = corpus.text_offsets, dtype
+        self.token_offsets = np.concatenate([[0], np.cumsum(corpus.token_lengths)]) * dtype.itemsize
+        self.separator = np.asarray(separator, dtype).tobytes()
+        self.texts, self.tokens = os.open(corpus.texts, os.O_RDONLY), os.open(corpus.tokens, os.O_RDONLY)
 
     def of(self, docs: np.ndarray) -> tuple[bytes, np.ndarray]:
-        t, tok, sep = self.text_offsets, self.token_starts, self.separator
-        lines = b"".join([self.texts[t[d]:t[d + 1]].tobytes() for d in docs.tolist()])
-        ids = np.concatenate([x for d in docs.tolist() for x in (self.tokens[tok[d]:tok[d + 1]], sep)] or [sep[:0]])
-        return lines, ids
+        t, k, read = self.text_offsets, self.token_offsets, os.pread
+        lines = b"".join([read(self.texts, b - a, a) for a, b in zip(t[docs].tolist(), t[docs + 1].tolist())])
+        ids = b"".join([read(self.tokens, b - a, a) + self.separator
+                        for a, b in zip(k[docs].tolist(), k[docs + 1].tolist())])
+        return lines, np.frombuffer(ids, self.dtype)
+
+    def __enter__(self) -> "_Pieces":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.texts)
+        os.close(self.tokens)
 
 
 def _separator_ids(tok, join: str) -> list[int]:

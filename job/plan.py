@@ -54,8 +54,11 @@ REFERENCE_LABEL = ("reference, not an ftjob measurement: DeepSpeed ZeRO-1 fp16 o
 # One complete checkpoint of the 125M shape (ZeRO-1, AdamW, 2.0 GB) written with its sha256 and fsync in
 # 7.2 s on the project's 2-core CPU machine (`ftjob bench --only checkpoint`): write, hash, fsync included.
 CHECKPOINT_WRITE_BYTES_PER_S = 2.0e9 / 7.2
-# `ftjob prepare` handles about 4 MB of text per second per tokenising core (BENCHMARKS.md: 8.3 MB/s on 2).
-PREPARE_BYTES_PER_S_PER_CORE = 4.0e6
+# `ftjob prepare` runs at the tokenizer's speed on every core: a 32K byte-level BPE tokenises about 1.75 MB
+# of text per CPU-second (BENCHMARKS.md, 2026-12-06), prepare keeps 90% of it; its one reading process
+# reads and decodes about 300 MB/s, the cap on machines of very many cores.
+PREPARE_BYTES_PER_S_PER_CORE = 1.5e6
+PREPARE_READ_BYTES_PER_S = 300e6
 EVAL_SPEEDUP = 2.0  # forward-only tokens/s vs training: 3x by FLOPs, 2x allowing for per-batch overhead
 STARTUP_S = 120.0  # launcher, imports, model load, DeepSpeed init (the first CPU run also builds a ~1 min op)
 SAMPLE_ROUND_S = 10.0  # one round of generation.prompts (before, every sample_every, after)
@@ -883,7 +886,8 @@ def time_plan(shape: ModelShape, steps: StepsPlan, valid_blocks: int, checkpoint
     ckpt_s = steps.checkpoints * one_ckpt
     other = steps.sample_rounds * SAMPLE_ROUND_S + export / write_bytes_per_s
     cores = prepare_cores or os.cpu_count() or 1
-    prep = prepare_text_bytes / (PREPARE_BYTES_PER_S_PER_CORE * cores) if prepare_text_bytes else 0.0
+    rate = min(PREPARE_BYTES_PER_S_PER_CORE * cores, PREPARE_READ_BYTES_PER_S)
+    prep = prepare_text_bytes / rate if prepare_text_bytes else 0.0
     if tps:
         step_s = steps.tokens_per_step / tps
         train_s = steps.total_steps * step_s

@@ -24,6 +24,7 @@ import os
 import resource
 import shutil
 import time
+from concurrent import futures
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from json.encoder import encode_basestring
@@ -146,6 +147,7 @@ class Corpus:
     counts: dict
     read_s: float
     worker_max_rss: int | None  # peak RSS of the largest tokenising process, bytes (None: tokenised here)
+    processes: int  # tokenising processes (0: tokenised in the job's process)
 
     @property
     def n_docs(self) -> int:
@@ -196,7 +198,8 @@ def _read_and_tokenise(spec: JobSpec, build: Path, tokenizer_json: str, dtype: n
         bar.update(counts["rows_read"] % 1000, tokens=tokeniser.n_tokens)
     line_lengths = np.concatenate(tokeniser.line_lengths)
     return Corpus(tokeniser.texts, tokeniser.tokens, np.concatenate([[0], np.cumsum(line_lengths)]),
-                  np.concatenate(tokeniser.token_lengths), counts, read_s, tokeniser.worker_max_rss)
+                  np.concatenate(tokeniser.token_lengths), counts, read_s, tokeniser.worker_max_rss,
+                  tokeniser.n_workers if tokeniser.pool else 0)
 
 
 def _json_line(text: str) -> bytes:
@@ -231,12 +234,7 @@ class _Tokeniser:
             self._start(workers)
 
     def _start(self, n: int) -> None:
-        # Workers come from a fork server that imported only this module: their memory is theirs alone, not
-        # a copy of whatever this process holds by then, and no thread of this process is forked.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        self.pool = ProcessPoolExecutor(n, mp_context=context, initializer=_worker_init,
-                                        initargs=(self.tokenizer_json,))
+        self.pool = _process_pool(n, initializer=_worker_init, initargs=(self.tokenizer_json,))
         self.n_workers = n
         for unit in self.pending:
             self.in_flight.append(self.pool.submit(self.work, *unit))
@@ -287,6 +285,14 @@ class _Tokeniser:
             self.pool.shutdown(wait=True, cancel_futures=True)
         self.out_texts.close()
         self.out_tokens.close()
+
+
+def _process_pool(n: int, **kwargs) -> ProcessPoolExecutor:
+    """Processes from a fork server that imported only this module: their memory is theirs alone, not a
+    copy of whatever the job's process holds by then, and no thread of the job's process is forked."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(n, mp_context=context, **kwargs)
 
 
 def _append(src, dst) -> None:
@@ -367,62 +373,75 @@ def _write_shards(corpus: Corpus, split_order, n_shards: int, block_size: int, s
                   dtype: np.dtype, build: Path, paths: RunPaths) -> dict[str, list[dict]]:
     """Each split's documents, in split order, cut into n contiguous shards. A text shard holds their JSON
     lines; a token shard their tokens, each document followed by the separator, cut into blocks of
-    block_size, the tail shorter than a block dropped (as the original run's TextDataset did)."""
+    block_size, the tail shorter than a block dropped (as the original run's TextDataset did). Shards are
+    written in parallel, on as many processes as tokenised (at most one per shard)."""
     text_dir, token_dir = (p.relative_to(paths.data) for p in (paths.text_shards, paths.token_shards))
     (build / text_dir).mkdir()
     (build / token_dir).mkdir()
-    shards = {}
-    with _Pieces(corpus, separator, dtype) as pieces:
-        for split, order in split_order.items():
-            shards[split] = []
-            for i, part in enumerate(np.array_split(order, min(n_shards, max(1, len(order))))):
-                name = f"{split}-{i:05d}"
-                n_tokens = int(corpus.token_lengths[part].sum()) + len(separator) * len(part)
-                text_sha, text_bytes = hashlib.sha256(), 0
-                with open(build / text_dir / f"{name}.jsonl", "wb") as text_out, \
-                        TokenShardWriter(build / token_dir / f"{name}.bin", block_size, n_tokens // block_size,
-                                         dtype) as token_out:
-                    for start in range(0, len(part), SHARD_CHUNK_DOCS):
-                        lines, ids = pieces.of(part[start:start + SHARD_CHUNK_DOCS])
-                        text_out.write(lines)
-                        text_sha.update(lines)
-                        text_bytes += len(lines)
-                        token_out.write(ids)
-                shards[split].append({
-                    "text": f"{text_dir}/{name}.jsonl", "documents": int(len(part)), "text_bytes": text_bytes,
-                    "text_sha256": text_sha.hexdigest(), "tokens": f"{token_dir}/{name}.bin", "n_tokens": n_tokens,
-                    "blocks": n_tokens // block_size, "tokens_bytes": token_out.bytes,
-                    "tokens_sha256": token_out.sha256.hexdigest()})
+    t = corpus.text_offsets
+    k = np.concatenate([[0], np.cumsum(corpus.token_lengths)]) * dtype.itemsize
+    sep = np.asarray(separator, dtype).tobytes()
+    jobs, shards = [], {split: [] for split in split_order}
+    for split, order in split_order.items():
+        for i, part in enumerate(np.array_split(order, min(n_shards, max(1, len(order))))):
+            name = f"{split}-{i:05d}"
+            n_tokens = int(corpus.token_lengths[part].sum()) + len(separator) * len(part)
+            shards[split].append({"text": f"{text_dir}/{name}.jsonl", "documents": int(len(part)),
+                                  "tokens": f"{token_dir}/{name}.bin", "n_tokens": n_tokens,
+                                  "blocks": n_tokens // block_size})
+            jobs.append((split, len(shards[split]) - 1, part, n_tokens // block_size, name))
+    work = functools.partial(write_shard, texts=str(corpus.texts), tokens=str(corpus.tokens), separator=sep,
+                             dtype=dtype.str, block_size=block_size)
+
+    def args(job):
+        _, _, part, n_blocks, name = job
+        return (np.stack([t[part], t[part + 1]], 1), np.stack([k[part], k[part + 1]], 1), n_blocks,
+                str(build / text_dir / f"{name}.jsonl"), str(build / token_dir / f"{name}.bin"))
+
+    processes = min(corpus.processes, len(jobs))
+    if processes > 1:
+        results, running = [], {}
+        with _process_pool(processes) as pool:
+            for job in jobs:  # at most one shard's document ranges per process at a time
+                if len(running) >= processes:
+                    done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                    results += [(running.pop(f), f.result()) for f in done]
+                running[pool.submit(work, *args(job))] = job
+            results += [(job, f.result()) for f, job in running.items()]
+    else:
+        results = [(job, work(*args(job))) for job in jobs]
+    for (split, i, *_), result in results:
+        shards[split][i].update(result)
     return shards
 
 
 SHARD_CHUNK_DOCS = 4096  # documents copied per write while making shards (at most a few MB of text)
 
 
-class _Pieces:
-    """Documents' JSON lines and token runs (each + the separator), read from the corpus files with pread:
-    memory holds one chunk of documents; the files stay in the page cache, not in this process (a memory
-    map would count every page it touched in the process's resident memory)."""
-
-    def __init__(self, corpus: Corpus, separator: list[int], dtype: np.dtype):
-        self.text_offsets, self.dtype = corpus.text_offsets, dtype
-        self.token_offsets = np.concatenate([[0], np.cumsum(corpus.token_lengths)]) * dtype.itemsize
-        self.separator = np.asarray(separator, dtype).tobytes()
-        self.texts, self.tokens = os.open(corpus.texts, os.O_RDONLY), os.open(corpus.tokens, os.O_RDONLY)
-
-    def of(self, docs: np.ndarray) -> tuple[bytes, np.ndarray]:
-        t, k, read = self.text_offsets, self.token_offsets, os.pread
-        lines = b"".join([read(self.texts, b - a, a) for a, b in zip(t[docs].tolist(), t[docs + 1].tolist())])
-        ids = b"".join([read(self.tokens, b - a, a) + self.separator
-                        for a, b in zip(k[docs].tolist(), k[docs + 1].tolist())])
-        return lines, np.frombuffer(ids, self.dtype)
-
-    def __enter__(self) -> "_Pieces":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.texts)
-        os.close(self.tokens)
+def write_shard(text_ranges: np.ndarray, token_ranges: np.ndarray, n_blocks: int, text_path: str, token_path: str,
+                texts: str, tokens: str, separator: bytes, dtype: str, block_size: int) -> dict:
+    """One text shard and its token shard, from its documents' byte ranges in the corpus files, read with
+    pread a chunk of documents at a time: memory holds one chunk; the files stay in the page cache, not in
+    this process (a memory map would count every page it touched as the process's resident memory)."""
+    dtype = np.dtype(dtype)
+    text_sha, text_bytes, read = hashlib.sha256(), 0, os.pread
+    fd_texts, fd_tokens = os.open(texts, os.O_RDONLY), os.open(tokens, os.O_RDONLY)
+    try:
+        with open(text_path, "wb") as text_out, \
+                TokenShardWriter(Path(token_path), block_size, n_blocks, dtype) as token_out:
+            for start in range(0, len(text_ranges), SHARD_CHUNK_DOCS):
+                chunk = slice(start, start + SHARD_CHUNK_DOCS)
+                lines = b"".join([read(fd_texts, b - a, a) for a, b in text_ranges[chunk].tolist()])
+                text_out.write(lines)
+                text_sha.update(lines)
+                text_bytes += len(lines)
+                ids = b"".join([read(fd_tokens, b - a, a) + separator for a, b in token_ranges[chunk].tolist()])
+                token_out.write(np.frombuffer(ids, dtype))
+    finally:
+        os.close(fd_texts)
+        os.close(fd_tokens)
+    return {"text_bytes": text_bytes, "text_sha256": text_sha.hexdigest(), "tokens_bytes": token_out.bytes,
+            "tokens_sha256": token_out.sha256.hexdigest()}
 
 
 def _separator_ids(tok, join: str) -> list[int]:

@@ -168,8 +168,9 @@ IN_FLIGHT_PER_WORKER = 2  # units handed out and not yet collected: keeps every 
 def _read_and_tokenise(spec: JobSpec, build: Path, tokenizer_json: str, dtype: np.dtype, interval_s: float) -> Corpus:
     """Stream rows once, dropping unusable texts; every UNIT_BYTES of texts goes to a tokenising process,
     which writes their JSON lines and their token ids to files of its own. This process only reads and
-    decodes rows (about 300 MB/s a core, against 1-2 MB/s a core for a 32K BPE tokenizer), so reading does
-    not hold the workers back on any machine with fewer than a hundred-odd cores."""
+    decodes rows and hands them over: about 100 MB/s of the demo's 350-byte rows, 300 MB/s of 5 KB pages,
+    on one core (BENCHMARKS.md), against 1.75 MB/s per core for a 32K BPE tokenizer: reading does not hold
+    the workers back below 60-170 tokenising cores."""
     counts = {"rows_read": 0, "rows_dropped": 0, "dropped_null": 0, "dropped_blank": 0}
     t0 = time.perf_counter()
     with _Tokeniser(build, tokenizer_json, dtype, spec.data.workers) as tokeniser, \

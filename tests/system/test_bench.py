@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_bench_runs_on_cpu_and_prints_a_table(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_ftjob("bench", "--tiny", "--only", "ftjob_b64,hf_trainer_original,data,loader", "--warmup", "1",
-                     "--steps", "2", "--data-mb", "2", "--json", out, timeout=600)
+                     "--steps", "2", "--data-mb", "2", "--repeat", "1", "--json", out, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     variants = {r["variant"]: r for r in results if "variant" in r}

@@ -354,21 +354,31 @@ def _raw_part(database: str, table: str, tokenizer: str, part: int, parts: int) 
     texts = [t for (t,) in conn.execute(f'SELECT body_text FROM "{table}" WHERE rowid % {parts} = {part}')
              if t and t.strip()]
     conn.close()
+    _barrier.wait()  # every process has its texts: the clock starts for all at once
     start, tokens = time.time(), 0
     for i in range(0, len(texts), BATCH_DOCS):
         tokens += sum(len(e) for e in encode(texts[i:i + BATCH_DOCS], add_special_tokens=False))
     return {"start": start, "end": time.time(), "tokens": tokens, "text_bytes": sum(len(t.encode()) for t in texts)}
 
 
+_barrier = None
+
+
+def _set_barrier(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
 def data_raw_variant(database: str, table: str, tokenizer: str, processes: int) -> dict:
-    """The raw tokenizer on the same texts and as many processes: tokens over the time from the first
-    process starting to encode to the last one finishing (reading the rows and loading the tokenizer not
-    counted)."""
+    """The raw tokenizer on the same texts and as many processes: tokens over the time from the moment
+    every process has its texts and starts to encode to the last one finishing (reading the rows and
+    loading the tokenizer not counted)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+    barrier = ctx.Barrier(processes)
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_set_barrier, initargs=(barrier,)) as pool:
         parts = list(pool.map(_raw_part, *zip(*[(database, table, tokenizer, k, processes) for k in range(processes)])))
     seconds = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     return {"text_bytes": sum(p["text_bytes"] for p in parts), "tokens": sum(p["tokens"] for p in parts),

@@ -169,8 +169,8 @@ def _read_and_tokenise(spec: JobSpec, build: Path, tokenizer_json: str, dtype: n
     """Stream rows once, dropping unusable texts; every UNIT_BYTES of texts goes to a tokenising process,
     which writes their JSON lines and their token ids to files of its own. This process only reads and
     decodes rows and hands them over: about 100 MB/s of the demo's 350-byte rows, 300 MB/s of 5 KB pages,
-    on one core (BENCHMARKS.md), against 1.75 MB/s per core for a 32K BPE tokenizer: reading does not hold
-    the workers back below 60-170 tokenising cores."""
+    on one core (BENCHMARKS.md), against 2-3 MB/s per core for a 32K BPE tokenizer: reading does not hold
+    the workers back below 40-100 tokenising cores."""
     counts = {"rows_read": 0, "rows_dropped": 0, "dropped_null": 0, "dropped_blank": 0}
     t0 = time.perf_counter()
     with _Tokeniser(build, tokenizer_json, dtype, spec.data.workers) as tokeniser, \

@@ -54,9 +54,10 @@ REFERENCE_LABEL = ("reference, not an ftjob measurement: DeepSpeed ZeRO-1 fp16 o
 # One complete checkpoint of the 125M shape (ZeRO-1, AdamW, 2.0 GB) written with its sha256 and fsync in
 # 7.2 s on the project's 2-core CPU machine (`ftjob bench --only checkpoint`): write, hash, fsync included.
 CHECKPOINT_WRITE_BYTES_PER_S = 2.0e9 / 7.2
-# `ftjob prepare` runs at the tokenizer's speed on every core: a 32K byte-level BPE tokenises about 1.75 MB
-# of text per CPU-second (BENCHMARKS.md, 2026-12-06), prepare keeps 90% of it; its one reading process
-# reads and decodes about 300 MB/s, the cap on machines of very many cores.
+# `ftjob prepare` runs at the tokenizer's speed on every core: a 32K byte-level BPE tokenises 2-3 MB of text
+# per second per core, prepare kept 0.98 of it (BENCHMARKS.md, 2026-12-06: 2.4 MB/s per core on 2 shared
+# cores); 1.5 leaves room for slower tokenizers. Its one reading process reads and decodes 100-300 MB/s,
+# the cap on machines of very many cores.
 PREPARE_BYTES_PER_S_PER_CORE = 1.5e6
 PREPARE_READ_BYTES_PER_S = 300e6
 EVAL_SPEEDUP = 2.0  # forward-only tokens/s vs training: 3x by FLOPs, 2x allowing for per-batch overhead
@@ -868,9 +869,10 @@ def time_plan(shape: ModelShape, steps: StepsPlan, valid_blocks: int, checkpoint
     run's metrics.jsonl or `ftjob bench`). Without it, on GPUs: the reference per GPU x world (linear
     data-parallel scaling assumed); on CPU: unknown.
 
-    train = steps x tokens per step / tokens/s; an evaluation = `valid_blocks`, the blocks it covers (padded to
-    whole micro-batches on every rank), at EVAL_SPEEDUP x tokens/s, plus one pass over full_eval_blocks; a checkpoint = its bytes / write speed
-    (default: 2.0 GB in 7.2 s with sha256 and fsync, measured on CPU); + STARTUP_S, sample rounds, the export.
+    train = steps x tokens per step / tokens/s; an evaluation = `valid_blocks`, the blocks it covers (padded
+    to whole micro-batches on every rank), at EVAL_SPEEDUP x tokens/s, plus one pass over full_eval_blocks;
+    a checkpoint = its bytes / write speed (default: 2.0 GB in 7.2 s with sha256 and fsync, measured on
+    CPU); + STARTUP_S, sample rounds, the export; + prepare, for text not prepared yet.
     Scheduler limit: total x 1.25 + 10 min, in whole minutes. Grace period: a stop waits for the step in
     flight, an evaluation in progress and a checkpoint; twice that (a slower volume) + 30 s, at least the
     shipped 120 s."""
@@ -892,6 +894,7 @@ def time_plan(shape: ModelShape, steps: StepsPlan, valid_blocks: int, checkpoint
         step_s = steps.tokens_per_step / tps
         train_s = steps.total_steps * step_s
         mb = steps.micro_batch
+
         def seconds(blocks):
             return math.ceil(math.ceil(blocks / world) / mb) * mb * world * steps.block_size / (EVAL_SPEEDUP * tps)
 

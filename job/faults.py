@@ -67,6 +67,13 @@ def trace_blocks(rank: int, step: int, indices) -> None:
             f.write(f"{step} " + " ".join(map(str, indices)) + "\n")
 
 
+def trace_eval(rank: int, step: int, indices, full: bool = False) -> None:
+    """Append the validation block indices this rank evaluates, one line per micro-batch."""
+    if TRACE_DIR and len(indices):
+        with open(os.path.join(TRACE_DIR, f"eval{'-full' if full else ''}-rank{rank}.txt"), "a") as f:
+            f.write(f"{step} " + " ".join(map(str, indices)) + "\n")
+
+
 def poison(loss, step: int):
     """NaN loss at optimizer step `nan_at_step` (0-based), and again at `nan_again_at_step`, each once in
     this process: transient blow-ups."""

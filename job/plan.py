@@ -67,8 +67,12 @@ REFERENCE_LABEL = ("reference, not an ftjob measurement: DeepSpeed ZeRO-1 fp16 o
 # One complete checkpoint of the 125M shape (ZeRO-1, AdamW, 2.0 GB) written with its sha256 and fsync in
 # 7.2 s on the project's 2-core CPU machine (`ftjob bench --only checkpoint`): write, hash, fsync included.
 CHECKPOINT_WRITE_BYTES_PER_S = 2.0e9 / 7.2
-# `ftjob prepare` handles about 4 MB of text per second per tokenising core (BENCHMARKS.md: 8.3 MB/s on 2).
-PREPARE_BYTES_PER_S_PER_CORE = 4.0e6
+# `ftjob prepare` runs at the tokenizer's speed on every core: a 32K byte-level BPE tokenises 2-3 MB of text
+# per second per core, prepare kept 0.98 of it (BENCHMARKS.md, 2026-12-06: 2.4 MB/s per core on 2 shared
+# cores); 1.5 leaves room for slower tokenizers. Its one reading process reads and decodes 100-300 MB/s,
+# the cap on machines of very many cores.
+PREPARE_BYTES_PER_S_PER_CORE = 1.5e6
+PREPARE_READ_BYTES_PER_S = 300e6
 EVAL_SPEEDUP = 2.0  # forward-only tokens/s vs training: 3x by FLOPs, 2x allowing for per-batch overhead
 STARTUP_S = 120.0  # launcher, imports, model load, DeepSpeed init (the first CPU run also builds a ~1 min op)
 SAMPLE_ROUND_S = 10.0  # one round of generation.prompts (before, every sample_every, after)
@@ -228,6 +232,12 @@ class DataFigures:
     def data_bytes(self) -> int:
         """data/ on the volume: text shards + token shards + manifest."""
         return self.text_bytes + self.token_bytes + 4096
+
+    @property
+    def prepare_peak_bytes(self) -> int:
+        """What `ftjob prepare` holds at its peak: every document's text and tokens in reading order beside
+        the shards it copies them into (job/data/prepare.py), before it deletes the former."""
+        return 2 * self.data_bytes
 
     def describe(self) -> str:
         d, t, b = self.documents, self.tokens, self.blocks
@@ -659,16 +669,19 @@ class VolumePlan:
 
 def volume_plan(data_bytes: int, checkpoint: int, keep_checkpoints: int, export: int, free_bytes: int | None,
                 present_bytes: int = 0, other_bytes: int = OTHER_RUN_FILES_BYTES, exports: int = 2,
-                best_checkpoint: bool = False) -> VolumePlan:
+                best_checkpoint: bool = False, prepare_peak_bytes: int = 0) -> VolumePlan:
     """Need = data + (keep_checkpoints + 1) checkpoints (+ 1 when the best one is kept apart from the newest)
-    + `exports` exports (final/ and best/) + other run files; refused (ok False) when the free bytes are fewer
-    than what is still to be written (need - present)."""
+    + `exports` exports (final/ and best/) + other run files, or what prepare holds at its peak when that is
+    more; refused (ok False) when the free bytes are fewer than what is still to be written (need - present)."""
     n_ckpt = keep_checkpoints + 1 + (1 if best_checkpoint else 0)
     need = data_bytes + n_ckpt * checkpoint + exports * export + other_bytes
-    to_write = max(0, need - present_bytes)
     why = f"{keep_checkpoints} kept + 1 being written" + (" + the best" if best_checkpoint else "")
     parts = (f"data {_gb(data_bytes)} + {n_ckpt} checkpoints ({why}) x {_gb(checkpoint)} + {exports} exports x "
              f"{_gb(export)} + other {_gb(other_bytes)} = {_gb(need)}")
+    if prepare_peak_bytes > need:  # a big corpus and a small model: prepare's peak decides
+        parts += f"; preparing the data needs {_gb(prepare_peak_bytes)} for a while"
+        need = prepare_peak_bytes
+    to_write = max(0, need - present_bytes)
     if present_bytes:
         parts += f", {_gb(present_bytes)} of it already on the volume"
     if free_bytes is None:
@@ -731,6 +744,13 @@ class TimePlan:
     grace_s: int  # Slurm --signal=B:USR1@<grace_s>, Kubernetes terminationGracePeriodSeconds
     stop_s: Optional[float]  # from a signal to a complete checkpoint: a step, an evaluation, a save
     write_bytes_per_s: float
+    eval_blocks: int = 0  # validation blocks each evaluation covers (train.eval_blocks)
+    full_eval_blocks: int = 0  # a final pass over every validation block (train.final_eval: full), or 0
+
+    @property
+    def eval_share(self) -> Optional[float]:
+        """Evaluations' share of the run's estimated time."""
+        return self.eval_s / self.total_s if self.total_s else None
 
 
 def reference_tokens_per_s(arch: Architecture, block_size: int) -> float:
@@ -750,14 +770,15 @@ def slurm_time(seconds: float) -> str:
 def time_plan(arch: Architecture, steps: StepsPlan, valid_blocks: int, checkpoint: int, export: int, *,
               device: str, world: int, tokens_per_s: float | None = None, eval_every: int = 0,
               write_bytes_per_s: float = CHECKPOINT_WRITE_BYTES_PER_S, prepare_text_bytes: int = 0,
-              prepare_cores: int | None = None) -> TimePlan:
+              prepare_cores: int | None = None, full_eval_blocks: int = 0) -> TimePlan:
     """Training, evaluation and checkpoint time; `tokens_per_s` is for all ranks together (measured, e.g. a
     run's metrics.jsonl or `ftjob bench`). Without it, on GPUs: the reference per GPU x world (linear
     data-parallel scaling assumed); on CPU: unknown.
 
-    train = steps x tokens per step / tokens/s; an evaluation = the validation blocks (padded to whole
-    micro-batches on every rank) at EVAL_SPEEDUP x tokens/s; a checkpoint = its bytes / write speed
-    (default: 2.0 GB in 7.2 s with sha256 and fsync, measured on CPU); + STARTUP_S, sample rounds, the export.
+    train = steps x tokens per step / tokens/s; an evaluation = `valid_blocks`, the blocks it covers (padded
+    to whole micro-batches on every rank), at EVAL_SPEEDUP x tokens/s, plus one pass over full_eval_blocks;
+    a checkpoint = its bytes / write speed (default: 2.0 GB in 7.2 s with sha256 and fsync, measured on
+    CPU); + STARTUP_S, sample rounds, the export; + prepare, for text not prepared yet.
     Scheduler limit: total x 1.25 + 10 min, in whole minutes. Grace period: a stop waits for the step in
     flight, an evaluation in progress and a checkpoint; twice that (a slower volume) + 30 s, at least the
     shipped 120 s."""
@@ -773,23 +794,28 @@ def time_plan(arch: Architecture, steps: StepsPlan, valid_blocks: int, checkpoin
     ckpt_s = steps.checkpoints * one_ckpt
     other = steps.sample_rounds * SAMPLE_ROUND_S + export / write_bytes_per_s
     cores = prepare_cores or os.cpu_count() or 1
-    prep = prepare_text_bytes / (PREPARE_BYTES_PER_S_PER_CORE * cores) if prepare_text_bytes else 0.0
+    rate = min(PREPARE_BYTES_PER_S_PER_CORE * cores, PREPARE_READ_BYTES_PER_S)
+    prep = prepare_text_bytes / rate if prepare_text_bytes else 0.0
     if tps:
         step_s = steps.tokens_per_step / tps
         train_s = steps.total_steps * step_s
         mb = steps.micro_batch
-        evaluated = math.ceil(math.ceil(valid_blocks / world) / mb) * mb * world if valid_blocks else 0
-        one_eval = evaluated * steps.block_size / (EVAL_SPEEDUP * tps)
-        eval_s = steps.evaluations * one_eval
+
+        def seconds(blocks):
+            return math.ceil(math.ceil(blocks / world) / mb) * mb * world * steps.block_size / (EVAL_SPEEDUP * tps)
+
+        one_eval = seconds(valid_blocks)
+        eval_s = steps.evaluations * one_eval + seconds(full_eval_blocks)
         total = STARTUP_S + prep + train_s + eval_s + ckpt_s + other
         limit = total * TIME_MARGIN + TIME_MARGIN_S
         stop = step_s + (one_eval if eval_every else 0.0) + one_ckpt
         grace = max(DEFAULT_GRACE_S, 10 * math.ceil((2 * stop + 30) / 10))
         return TimePlan(tps, source, step_s, train_s, eval_s, one_eval, ckpt_s, one_ckpt, STARTUP_S, other, prep,
-                        total, slurm_time(limit), int(60 * math.ceil(limit / 60)), grace, stop, write_bytes_per_s)
+                        total, slurm_time(limit), int(60 * math.ceil(limit / 60)), grace, stop, write_bytes_per_s,
+                        valid_blocks, full_eval_blocks)
     grace = max(DEFAULT_GRACE_S, 10 * math.ceil((2 * one_ckpt + 30) / 10))
     return TimePlan(None, source, None, None, None, None, ckpt_s, one_ckpt, STARTUP_S, other, prep, None, None, None,
-                    grace, None, write_bytes_per_s)
+                    grace, None, write_bytes_per_s, valid_blocks, full_eval_blocks)
 
 
 # ------------------------------------------------------------------ warnings
@@ -936,7 +962,7 @@ class Plan:
             "memory_gradient_checkpointing": [mem(m) for m in self.memory_checkpointing],
             "checkpoint": asdict(self.checkpoint), "export_bytes": self.export_bytes,
             "volume": {**asdict(self.volume), "to_write_bytes": self.volume.to_write_bytes},
-            "time": None if self.time is None else asdict(self.time),
+            "time": None if self.time is None else {**asdict(self.time), "eval_share": self.time.eval_share},
             "findings": [asdict(f) for f in self.findings],
         }
 
@@ -994,6 +1020,11 @@ class Plan:
                           + (f" + prepare {_dur(tp.prepare_s)}" if tp.prepare_s else "") + f" = {_dur(tp.total_s)}",
                           f"limits   #SBATCH --time={tp.slurm_time}   activeDeadlineSeconds: {tp.active_deadline_s}"
                           f"   (estimate x {TIME_MARGIN} + {TIME_MARGIN_S / 60:.0f} min)"]
+                if tp.eval_s and self.data is not None:
+                    lines.insert(-1, f"eval     {_n(self.steps.evaluations, 'evaluation')} x {tp.eval_blocks:,} of "
+                                 f"{self.data.blocks['valid']:,} validation blocks (train.eval_blocks)"
+                                 + (f" + one pass over all {tp.full_eval_blocks:,}" if tp.full_eval_blocks else "")
+                                 + f": {_dur(tp.eval_s)}, {100 * tp.eval_share:.0f}% of the run")
             lines.append(f"grace    {tp.grace_s} s: #SBATCH --signal=B:USR1@{tp.grace_s}, "
                          f"terminationGracePeriodSeconds: {tp.grace_s} (a checkpoint writes in "
                          f"{tp.one_checkpoint_s:.1f} s at {tp.write_bytes_per_s / 1e6:.0f} MB/s, assumed)")
@@ -1067,14 +1098,18 @@ def make_plan(arch: Architecture, spec, manifest: dict | None = None, *, activat
     data_bytes = data.data_bytes if data is not None else 0
     other = OTHER_RUN_FILES_BYTES + (250 * steps.total_steps // max(1, t.log_every) if steps else 0)
     best = bool(data is None or data.blocks["valid"] > 0) and d.valid_fraction > 0
+    to_prepare = data is not None and data.source != "manifest"
     volume = volume_plan(data_bytes, ckpt.total, t.keep_checkpoints, export, free_bytes, present_bytes, other,
-                         exports=2 if best else 1, best_checkpoint=best)
+                         exports=2 if best else 1, best_checkpoint=best,
+                         prepare_peak_bytes=data.prepare_peak_bytes if to_prepare else 0)
     time = None
     if steps is not None:
-        prep = data.text_bytes if data is not None and data.source != "manifest" else 0
-        time = time_plan(arch, steps, data.blocks["valid"], ckpt.total, export, device=accelerator, world=world,
+        valid = data.blocks["valid"]
+        evaluated = t.eval_blocks_for(valid, steps.tokens_trained // steps.block_size, steps.evaluations)
+        full = valid if t.final_eval == "full" and evaluated < valid else 0
+        time = time_plan(arch, steps, evaluated, ckpt.total, export, device=accelerator, world=world,
                          tokens_per_s=tokens_per_s, eval_every=t.eval_every, write_bytes_per_s=write_bytes_per_s,
-                         prepare_text_bytes=prep)
+                         prepare_text_bytes=data.text_bytes if to_prepare else 0, full_eval_blocks=full)
     ckpt_on = bool(getattr(t, "gradient_checkpointing", False))
     plan = Plan(name or spec.name, arch, accelerator, precision, t.optimizer, t.zero_stage, world, data, steps,
                 memory, memory_ckpt, ckpt, export, volume, time, [], ckpt_on, grad_accum, attention, offload,

@@ -51,7 +51,8 @@ def loss_series(paths: RunPaths) -> dict[str, tuple[list[int], list[float]]]:
                 and math.isfinite(r["loss"])]
         return [r["step"] for r in kept], [float(r["loss"]) for r in kept]
 
-    return {"train": series(read_jsonl(paths.metrics)), "valid": series(read_jsonl(paths.evals))}
+    subset = [r for r in read_jsonl(paths.evals) if not r.get("full")]  # a final full pass is not comparable
+    return {"train": series(read_jsonl(paths.metrics)), "valid": series(subset)}
 
 
 def plot_loss(paths: RunPaths) -> Path:
@@ -141,11 +142,17 @@ def _data_section(m: dict | None) -> list[str]:
              f"({m.get('dropped_null', 0):,} null, {m.get('dropped_blank', 0):,} blank)",
              f"- tokenizer `{tok.get('source')}` (vocabulary {tok.get('vocab_size', 0):,}); blocks of "
              f"{m.get('block_size')} tokens, documents joined by {m.get('join')}, stored as {m.get('dtype')}",
-             f"- prepared in {sec.get('total', 0):.1f} s (text {sec.get('text', 0):.1f} s, tokenising "
-             f"{sec.get('tokenise', 0):.1f} s){speed}", ""]
+             f"- prepared in {sec.get('total', 0):.1f} s ({_prepare_phases(sec)}){speed}", ""]
     rows = [(name, f"{s.get('documents', 0):,}", f"{s.get('tokens', 0):,}", f"{s.get('blocks', 0):,}",
              f"{s.get('text_bytes', 0) / 1e6:.2f}") for name, s in splits.items()]
     return lines + _table(("split", "documents", "tokens", "blocks", "text MB"), rows, right=4) + [""]
+
+
+def _prepare_phases(sec: dict) -> str:
+    if "read" in sec:
+        return (f"reading rows {sec['read']:.1f} s, tokenising alongside and {sec.get('tokenise', 0):.1f} s after, "
+                f"split and shards {sec.get('shards', 0):.1f} s")
+    return f"text {sec.get('text', 0):.1f} s, tokenising {sec.get('tokenise', 0):.1f} s"  # manifests of earlier ftjob versions
 
 
 def _training_section(metrics: list[dict], state: dict) -> list[str]:
@@ -185,6 +192,8 @@ def _validation_section(evals: list[dict], state: dict, best: dict | None) -> li
                      "kept whatever keep_checkpoints says; exported to `best/`)")
     if state.get("stopped_early"):
         notes.append(f"- stopped early: {state['stopped_early']}")
+    full = [e for e in evals if e.get("full")]
+    evals = [e for e in evals if not e.get("full")] or full
     first, last = evals[0], evals[-1]
     label_first = "before training" if first["step"] == 0 else "first evaluation"
     label_last = "after training" if state.get("stage") in FINISHED else "latest evaluation"
@@ -193,7 +202,15 @@ def _validation_section(evals: list[dict], state: dict, best: dict | None) -> li
         rows.append((label_last, str(last["step"]), _fmt(last.get("loss"), ".4f"), _fmt(last.get("perplexity"), ".2f")))
         rows.append(("change", "", _change(first.get("loss"), last.get("loss"), ".4f"),
                      _change(first.get("perplexity"), last.get("perplexity"), ".2f")))
-    return ["## Validation", "", f"Mean loss over all {last.get('blocks', 0):,} validation blocks.", "",
+    if full and full[-1] is not last:
+        f = full[-1]
+        rows.append((f"all {f.get('blocks', 0):,} blocks", str(f["step"]), _fmt(f.get("loss"), ".4f"),
+                     _fmt(f.get("perplexity"), ".2f")))
+    blocks, of = last.get("blocks", 0), last.get("valid_blocks", last.get("blocks", 0))
+    what = (f"Mean loss over all {blocks:,} validation blocks." if blocks >= of else
+            f"Mean loss over the same {blocks:,} of the {of:,} validation blocks at every evaluation (a fixed "
+            "subset drawn with train.seed; train.eval_blocks).")
+    return ["## Validation", "", what, "",
             *_table(("", "step", "loss", "perplexity"), rows, right=3), "", *notes, *([""] if notes else [])]
 
 

@@ -8,8 +8,9 @@ did you mean 'shards'?`. Every field's description is the reference documentatio
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
@@ -30,6 +31,11 @@ def _number(value):
 Number = Annotated[float, BeforeValidator(_number)]
 
 
+# train.eval_blocks: auto: all evaluations together cover this share of the blocks the run trains ...
+EVAL_AUTO_SHARE = 0.5
+EVAL_MIN_BLOCKS = 256  # ... and each at least this many (a mean loss within about 1% at block 64)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -42,13 +48,15 @@ class DataSpec(Section):
     limit: Optional[int] = Field(None, gt=0, description="only the first N rows (in the table's order)")
     valid_fraction: Number = Field(0.2, ge=0.0, le=0.9, description="share of documents held out for validation")
     split_seed: int = Field(0, description="sklearn train_test_split random_state; 0 reproduces the original run")
-    shards: int = Field(4, gt=0, description="text/token shards per split (tokenised in parallel)")
+    shards: int = Field(4, gt=0, description="text/token shards per split (files only: tokenising runs on "
+                        "data.workers processes whatever the number)")
     block_size: int = Field(64, gt=0, description="tokens per training sequence")
     join: Literal["auto", "newline", "eos", "bos_eos"] = Field(
         "auto", description="how each document starts and ends in the token stream: newline (after it), eos "
         "(EOS after it), bos_eos (BOS before, EOS after); auto: the model family's default (see Model families)")
     chunk_rows: int = Field(2000, gt=0, description="rows per SQLite fetch")
-    workers: int = Field(0, ge=0, description="tokenizer processes; 0 = one per core")
+    workers: int = Field(0, ge=0, description="tokenising processes; 0: one per core (or none beside the job's "
+                         "own for under 16 MB of text)")
 
 
 class ModelSpec(Section):
@@ -91,6 +99,14 @@ class TrainSpec(Section):
     checkpoint_every: int = Field(1000, gt=0, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, gt=0, description="newest complete checkpoints kept (the best is kept too)")
     eval_every: int = Field(500, ge=0, description="steps between validation passes; 0: only before and after")
+    eval_blocks: Union[int, str] = Field("auto", description="validation blocks each evaluation covers: a fixed, "
+                                         "seeded subset, the same every time and across resumes; auto: half as "
+                                         f"many as the run trains, spread over its evaluations (at least "
+                                         f"{EVAL_MIN_BLOCKS}), so evaluating costs about a sixth of training; "
+                                         "0: all")
+    final_eval: Literal["subset", "full"] = Field("subset", description="full: after the last evaluation, one "
+                                                  "more pass over every validation block (its own record in "
+                                                  "eval.jsonl)")
     sample_every: int = Field(0, ge=0, description="steps between sample generations; 0: only before and after")
     log_every: int = Field(10, gt=0, description="steps between metrics records")
     early_stopping_patience: int = Field(0, ge=0, description="stop after this many evaluations without an "
@@ -106,6 +122,23 @@ class TrainSpec(Section):
                                          "about a third more compute")
     compile: bool = Field(False, description="torch.compile the model inside the engine (GPU)")
     dropout: Optional[Number] = Field(None, ge=0.0, le=1.0, description="override the model's dropout")
+
+    @field_validator("eval_blocks")
+    @classmethod
+    def _blocks_or_auto(cls, value):
+        if value == "auto" or (isinstance(value, int) and value >= 0):
+            return value
+        raise ValueError(f"must be a number of blocks, 0 (all) or auto; got {value!r}")
+
+    def eval_blocks_for(self, valid_blocks: int, trained_blocks: int, evaluations: int) -> int:
+        """How many validation blocks each evaluation covers (the worker and `ftjob plan` both ask here).
+        auto: all evaluations together cover half the blocks the run trains; a forward pass costs a third
+        of a training step per block, so evaluating costs about a sixth of training."""
+        if self.eval_blocks == "auto":
+            want = max(EVAL_MIN_BLOCKS, math.ceil(EVAL_AUTO_SHARE * trained_blocks / max(1, evaluations)))
+        else:
+            want = self.eval_blocks or valid_blocks
+        return min(valid_blocks, want)
 
 
 class GenerationSpec(Section):

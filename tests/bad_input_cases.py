@@ -202,6 +202,8 @@ CASES = [
                  id="micro-batch-zero"),
     pytest.param(Case("run", ("data.block_size", "greater than 0", "got -1"), spec={"data.block_size": -1}),
                  id="block-size-negative"),
+    pytest.param(Case("run", ("train.eval_blocks", "0 (all) or auto", "'all'"), spec={"train.eval_blocks": "all"}),
+                 id="eval-blocks-word"),
     pytest.param(Case("validate", ("data.shards", "greater than 0", "got 0"), spec={"data.shards": 0}),
                  id="shards-zero"),
     pytest.param(Case("run", ("train.lr", "greater than 0"), spec={"train.lr": 0}), id="lr-zero"),

@@ -134,7 +134,7 @@ def demo_spec(demo_assets) -> dict:
 # of tests, which put the two longest files, of one and two tests, last.)
 LONG_FILES = {"test_world_size.py": 265, "test_stops.py": 240, "test_resume.py": 212, "test_integrity.py": 200,
               "test_one_writer.py": 190, "test_slurm.py": 150, "test_e2e.py": 150, "test_multinode.py": 122,
-              "test_plan_real.py": 85, "test_k8s.py": 70, "test_bench.py": 35}
+              "test_plan_real.py": 85, "test_k8s.py": 70, "test_prepare_scale.py": 40, "test_bench.py": 35}
 
 
 def pytest_collection_modifyitems(items):

@@ -4,6 +4,7 @@ Every epoch is a fresh permutation of all training blocks. An optimizer step tak
 world * micro_batch * grad_accum blocks of it; the last step of an epoch takes what is left, so over an
 epoch every block is used exactly once across ranks (no padding by repetition, nothing dropped). Since the
 position is a function of the step number alone, resuming at step k needs no replay of the loader.
+Evaluations cover a fixed, seeded subset of the validation blocks (eval_subset), the same every time.
 """
 from __future__ import annotations
 
@@ -69,3 +70,23 @@ class EpochSchedule:
             idx = blocks[start:start + self.micro_batch]
             out.append(MicroBatch(idx, len(idx) * self.world_size * self.grad_accum / total))
         return out
+
+    def blocks_trained(self, total_steps: int) -> int:
+        """Blocks a run of total_steps trains on: whole epochs, then the first steps of the next."""
+        full, rest = divmod(total_steps, self.steps_per_epoch)
+        return full * self.n_blocks + min(rest * self.blocks_per_step, self.n_blocks)
+
+
+def evaluations(total_steps: int, eval_every: int) -> int:
+    """Evaluations a run makes: before training, every eval_every steps (not at the last), after."""
+    return 2 + ((total_steps - 1) // eval_every if eval_every and total_steps else 0)
+
+
+def eval_subset(n_valid: int, size: int, seed: int) -> np.ndarray:
+    """The validation blocks every evaluation covers: all of them, or a sample of `size` drawn with the
+    run's seed, so that every evaluation, before and after a resume, sees the same blocks. Sorted: reads
+    from the memory-mapped shards stay in file order."""
+    if size >= n_valid:
+        return np.arange(n_valid)
+    rng = np.random.default_rng([seed, 0, 1])  # a stream apart from the epochs' [seed, epoch]
+    return np.sort(rng.choice(n_valid, size, replace=False))

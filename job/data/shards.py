@@ -5,6 +5,7 @@ The header lets a loader check a shard before trusting it: magic, version, dtype
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,47 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def write_token_shard(path: Path, blocks: np.ndarray) -> None:
     """Write a (n_blocks, block_size) array; written to a temporary name and renamed, so never half there."""
     n_blocks, block_size = blocks.shape
-    header = _HEADER.pack(MAGIC, VERSION, blocks.dtype.itemsize, block_size, n_blocks).ljust(HEADER_BYTES, b"\0")
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(np.ascontiguousarray(blocks).tobytes())
+    with TokenShardWriter(tmp, block_size, n_blocks, blocks.dtype) as w:
+        w.write(blocks.reshape(-1))
     tmp.replace(path)
+
+
+class TokenShardWriter:
+    """A token shard written as a stream: the header first (the block count is known beforehand), then
+    token runs in order; tokens past the last whole block are dropped, as a shard's tail shorter than a
+    block is. Hashes what it writes, so the file is never read back for its sha256."""
+
+    def __init__(self, path: Path, block_size: int, n_blocks: int, dtype):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self.capacity = n_blocks * block_size  # tokens
+        self.written = 0
+        self.sha256 = hashlib.sha256()
+        self.f = open(self.path, "wb")
+        self._put(_HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, block_size, n_blocks).ljust(HEADER_BYTES, b"\0"))
+
+    def _put(self, data) -> None:
+        self.f.write(data)
+        self.sha256.update(data)
+
+    @property
+    def bytes(self) -> int:
+        return HEADER_BYTES + self.capacity * self.dtype.itemsize
+
+    def write(self, tokens: np.ndarray) -> None:
+        room = self.capacity - self.written
+        if room > 0:
+            tokens = tokens[:room]
+            self._put(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+            self.written += len(tokens)
+
+    def __enter__(self) -> "TokenShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+        if exc[0] is None and self.written != self.capacity:
+            raise ValueError(f"{self.path}: {self.written} tokens written for {self.capacity}")
 
 
 @dataclass

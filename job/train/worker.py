@@ -29,7 +29,7 @@ import torch
 from .. import architecture, errors, faults, logs, pretrained
 from .. import spec as spec_lib
 from ..data.prepare import open_split
-from ..data.schedule import EpochSchedule
+from ..data.schedule import EpochSchedule, eval_subset, evaluations
 from ..data.shards import BlockStore
 from ..generate import generate_samples, log_samples, write_samples
 from ..progress import Progress
@@ -138,8 +138,10 @@ class Trainer:
         self._order_epoch, self._order = -1, None
         self.checkpointer = Checkpointer(self.engine, paths, t.checkpoint_every, t.keep_checkpoints, self.rank,
                                          self.world, self.barrier, self.data_fingerprint)
+        self.eval_blocks = self._eval_blocks(prior.get("eval_blocks"))
         self.evaluator = Evaluator(self.engine, self.valid_store, t.micro_batch, t.eval_every, self.rank, self.world,
-                                   self.device, self.batch, t.early_stopping_patience, t.early_stopping_min_delta)
+                                   self.device, self.batch, t.early_stopping_patience, t.early_stopping_min_delta,
+                                   eval_subset(len(self.valid_store), self.eval_blocks["size"], t.seed))
         self.metrics = MetricsLogger(self.engine, paths, t.log_every, self.rank, flops_per_token,
                                      self.spec.report.tensorboard, self.cuda)
         self.stopped_early: str | None = None
@@ -155,6 +157,22 @@ class Trainer:
         choice = [str(newest_complete(self.paths.checkpoints)) if self.rank == 0 else None]
         torch.distributed.broadcast_object_list(choice, src=0, group=self.cpu_group)
         return Path(choice[0]) if choice[0] != "None" else None
+
+    def _eval_blocks(self, prior: dict | None) -> dict:
+        """How many validation blocks every evaluation covers: the checkpoint's number while
+        train.eval_blocks is unchanged (a resume with other train.epochs keeps its subset)."""
+        t = self.spec.train
+        if prior and prior.get("setting") == t.eval_blocks:
+            return prior
+        n_valid = len(self.valid_store)
+        size = t.eval_blocks_for(n_valid, self.schedule.blocks_trained(self.total_steps),
+                                 evaluations(self.total_steps, t.eval_every))
+        if self.rank == 0 and n_valid:
+            what = f"all {n_valid:,}" if size == n_valid else f"a fixed subset of {size:,} of the {n_valid:,}"
+            full = "; at the end, all of them too (train.final_eval: full)" if t.final_eval == "full" \
+                and size < n_valid else ""
+            log.info("evaluations: %s validation blocks (train.eval_blocks: %s)%s", what, t.eval_blocks, full)
+        return {"setting": t.eval_blocks, "size": size}
 
     def all_agree_to_stop(self) -> bool:
         """One rank's signal is enough: every rank stops at the same step boundary."""
@@ -186,6 +204,7 @@ class Trainer:
                 "world_size": self.world, "global_batch": self.global_batch, "grad_accum": self.grad_accum,
                 "total_steps": self.total_steps, "attempt": self.attempt, "rollbacks": self.rollbacks,
                 "blocks_per_step": self.schedule.blocks_per_step, "eval_history": self.evaluator.history(),
+                "eval_blocks": self.eval_blocks,
                 "last_eval_step": self.last_eval_step}
 
     # ------------------------------------------------------------------ the run
@@ -335,17 +354,20 @@ class Trainer:
             return f"loss became {record['loss']} near step {self.step}"
         return None
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self, full: bool = False) -> dict | None:
         self.state(Stage.EVAL)
-        self.last_eval_step = self.step
-        record = self.evaluator(self.step, self.tokens)
+        if not full:
+            self.last_eval_step = self.step
+        record = self.evaluator(self.step, self.tokens, full)
         if record is None:
             return None
         if self.rank == 0:
             append_jsonl(self.paths.evals, record)
-            self.metrics.eval_scalars(record)
-            log.info("eval at step %d: validation loss %.4f, perplexity %.2f%s", self.step, record["loss"],
-                     record["perplexity"], " (best so far)" if record.get("best") else "")
+            if not full:
+                self.metrics.eval_scalars(record)
+            log.info("%s at step %d: validation loss %.4f, perplexity %.2f%s", "full validation pass" if full
+                     else "eval", self.step, record["loss"], record["perplexity"],
+                     " (best so far)" if record.get("best") else "")
         if record.get("best"):
             self.save_best(record)
         return record
@@ -381,6 +403,8 @@ class Trainer:
         checkpoint and the export."""
         if self.last_eval_step != self.step:
             self.evaluate()
+        if self.spec.train.final_eval == "full" and self.eval_blocks["size"] < len(self.valid_store):
+            self.evaluate(full=True)
         if not self.checkpointer.saved_at(self.step):
             self.save()
         self.state(Stage.EXPORT)

@@ -1,6 +1,7 @@
 """Exact resume, for real: SIGTERM to `ftjob run` mid-epoch, then the same command again; and a run whose
 database changes between attempts while a checkpoint save takes 45 s. Two CPU workers through DeepSpeed's
-launcher, compared with one uninterrupted run. (Other ways a run stops: test_stops.py.)"""
+launcher, compared with one uninterrupted run; evaluations cover a fixed subset of the validation blocks
+(train.eval_blocks), the same in every attempt. (Other ways a run stops: test_stops.py.)"""
 from __future__ import annotations
 
 import json
@@ -15,13 +16,16 @@ from conftest import jsonl, not_umask_modes, run_ftjob, run_state, start_ftjob, 
 from job import errors
 
 pytestmark = pytest.mark.slow
+EVAL_BLOCKS = 40
 
 
 def resume_spec(tmp: Path, demo_spec: dict, name: str, **extra) -> Path:
     # fp32 and the model's own dropout (0.1): exactness needs the RNG states restored, not just weights.
+    # Evaluations at steps 0, 20 and 40 (one per attempt of the interrupted run), on 40 of the 121 blocks,
+    # and a pass over all 121 at the end.
     settings = dict(output_dir=str(tmp / "runs"), name=name, train__precision="fp32", train__max_steps=40,
-                    train__log_every=1, train__eval_every=0, train__sample_every=0, train__checkpoint_every=1000,
-                    generation__max_length=12)
+                    train__log_every=1, train__eval_every=20, train__eval_blocks=EVAL_BLOCKS, train__final_eval="full",
+                    train__sample_every=0, train__checkpoint_every=1000, generation__max_length=12)
     settings.update(extra)
     return write_spec(tmp / f"{name}.yaml", demo_spec, **settings)
 
@@ -39,7 +43,7 @@ def reference(demo_assets, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp / "runs" / "ref"
     return {"metrics": jsonl(run / "metrics.jsonl"), "weights": weights(run / "final"),
-            "trace": {f.name: f.read_text() for f in trace.iterdir()}, "modes": not_umask_modes(run, 0o022),
+            "evals": jsonl(run / "eval.jsonl"), "trace": {f.name: f.read_text() for f in trace.iterdir()}, "modes": not_umask_modes(run, 0o022),
             "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("step-*"))}
 
 
@@ -113,7 +117,48 @@ def test_preempted_twice_while_the_database_changes_resumes_exactly(reference, d
     got = weights(run / "final")
     worst = max((got[k] - reference["weights"][k]).abs().max().item() for k in got)
     assert worst <= 1e-6, f"final weights differ from the uninterrupted run by {worst}"
+    check_eval_subset(run, trace, reference["evals"])
 
     proc = run_ftjob("run", spec, "--set", "data.block_size=32")
     assert proc.returncode == errors.BAD_INPUT, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[-1].startswith("ftjob: error: data.block_size: changed since this run's data")
+
+
+def check_eval_subset(run: Path, trace: Path, reference_evals: list[dict]) -> None:
+    """The evaluations at steps 0, 20 and 40 (three attempts) covered the same EVAL_BLOCKS validation
+    blocks, and the last one's loss is the mean loss over those blocks of the exported model, computed
+    here with plain transformers and numpy from the token shards; the final full pass's, over all."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    records = jsonl(run / "eval.jsonl")
+    assert [(e["step"], e["blocks"], e["valid_blocks"], e.get("full")) for e in records] == \
+        [(0, 40, 121, None), (20, 40, 121, None), (40, 40, 121, None), (40, 121, 121, True)]
+    evals, full = records[:3], records[3]
+    assert "best" not in full  # a full pass is not compared with the subset's losses
+    for got, want in zip(records, reference_evals):  # comparable across resumes: the uninterrupted run's losses
+        assert abs(got["loss"] - want["loss"]) <= 1e-6, (got, want)
+    seen: dict[int, list[int]] = {}
+    for f in trace.glob("eval-rank*.txt"):
+        for line in f.read_text().splitlines():
+            step, *blocks = map(int, line.split())
+            seen.setdefault(step, []).extend(blocks)
+    assert sorted(seen) == [0, 20, 40]
+    everything = [int(b) for f in trace.glob("eval-full-rank*.txt") for line in f.read_text().splitlines()
+                  for b in line.split()[1:]]
+    assert sorted(everything) == list(range(121))
+    subset = sorted(seen[0])
+    assert len(subset) == EVAL_BLOCKS == len(set(subset)) and all(sorted(b) == subset for b in seen.values())
+
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    block = manifest["block_size"]
+    valid = np.concatenate([np.fromfile(run / "data" / s["tokens"], dtype=manifest["dtype"], offset=64).reshape(-1, block)
+                            for s in manifest["splits"]["valid"]["shards"]])
+    assert len(valid) == 121 and max(subset) < 121
+    model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    for blocks, record in ((subset, evals[-1]), (list(range(121)), full)):
+        x = torch.from_numpy(valid[blocks].astype(np.int64))
+        with torch.no_grad():
+            loss = model(input_ids=x, labels=x).loss.item()
+        assert abs(loss - record["loss"]) <= 1e-5, (loss, record)

@@ -51,6 +51,18 @@ def test_original_split_sizes_and_membership(demo_assets, tmp_path):
     assert got["train"] == want_train and got["valid"] == want_valid  # same texts, same order
 
 
+@pytest.mark.parametrize("n,fraction,seed", [(3294, 0.2, 0), (564, 0.2, 0), (1000, 0.1, 7), (7, 0.3, 1), (50, 0.5, 3)])
+def test_the_split_is_sklearns(n, fraction, seed):
+    """prepare computes train_test_split's split itself (importing scikit-learn costs 2-3 s): the same."""
+    from sklearn.model_selection import train_test_split
+
+    from job.data.prepare import _split
+
+    want_train, want_valid = train_test_split(np.arange(n), test_size=fraction, random_state=seed)
+    got = _split(n, fraction, seed)
+    assert got["train"].tolist() == want_train.tolist() and got["valid"].tolist() == want_valid.tolist()
+
+
 def test_shards_and_manifest_describe_each_other(demo_assets, tmp_path):
     spec = make_spec(demo_assets, tmp_path, shards=3, block_size=32)
     paths = RunPaths(spec.run_dir)
@@ -67,8 +79,39 @@ def test_shards_and_manifest_describe_each_other(demo_assets, tmp_path):
         total_blocks += s["blocks"]
         assert shard.blocks().max() < m["tokenizer"]["vocab_size"]
     assert total_blocks == m["splits"]["train"]["blocks"] + m["splits"]["valid"]["blocks"]
+    # Each token shard is its text shard's documents, tokenised one by one by transformers, each followed
+    # by a newline's tokens (GPT-2's join), cut into blocks: the tail shorter than a block dropped.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_assets.model)
+    sep = tok("\n", add_special_tokens=False)["input_ids"]
+    assert (m["join"], m["tokenizer"]["document_prefix"], m["tokenizer"]["document_suffix"]) == ("newline", [], sep)
+    for s in m["splits"]["train"]["shards"] + m["splits"]["valid"]["shards"]:
+        texts = [json.loads(line)["text"] for line in (paths.data / s["text"]).read_text(encoding="utf-8").splitlines()]
+        stream = [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"] + sep]
+        assert s["n_tokens"] == len(stream) and len(texts) == s["documents"]
+        blocks = TokenShard.open(paths.data / s["tokens"]).blocks()
+        assert blocks.reshape(-1).tolist() == stream[:s["blocks"] * 32]
     first = (paths.data / m["splits"]["train"]["shards"][0]["text"]).read_text(encoding="utf-8").splitlines()[0]
     assert json.loads(first)["text"].strip()  # one readable document per line
+
+
+def test_tokenising_processes_give_what_this_process_gives(demo_assets, tmp_path, monkeypatch):
+    """data.workers 0 tokenises small data in the job's own process. With work units of 50 KB (5 of the
+    demo's text): 2 processes, and data.workers 0 past a 100 KB threshold (the processes start once that
+    much is read, and take the units read so far), make the same shards, byte for byte."""
+    from job.data import prepare as prepare_module
+
+    here = make_spec(demo_assets, tmp_path / "here")
+    here = prepare(here, RunPaths(here.run_dir))
+    assert here["worker_max_rss_bytes"] is None
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 50_000)
+    monkeypatch.setattr(prepare_module, "IN_PROCESS_TEXT_BYTES", 100_000)
+    for name, workers in (("two", 2), ("started", 0)):
+        spec = make_spec(demo_assets, tmp_path / name, workers=workers)
+        got = prepare(spec, RunPaths(spec.run_dir))
+        assert got["worker_max_rss_bytes"] > 0, name  # tokenised in processes
+        assert got["splits"] == here["splits"], name  # every shard's sha256, text and tokens
 
 
 def test_prepare_skips_unchanged_inputs_and_rebuilds_changed_ones(demo_assets, tmp_path, caplog):
@@ -163,3 +206,42 @@ def test_spec_errors_name_key_and_line(tmp_path):
     assert spec.data.database == str(tmp_path / "a.db")  # relative to the spec file
     with pytest.raises(spec_lib.SpecError, match="train.micro_batch: must be greater than 0"):
         spec_lib.load(p, ["train.micro_batch=0"])
+
+
+def test_eval_blocks_auto_keeps_evaluation_a_sixth_of_training_and_the_original_run_evaluates_everything():
+    from job.data.schedule import evaluations
+
+    t = spec_lib.load(ROOT / "examples" / "wikibooks-ru.yaml").train
+    assert t.eval_blocks == "auto" and t.final_eval == "subset"
+    # The original run: 5860 steps of 128 blocks (10 epochs of ~75,000), evaluations every 500 steps. Its
+    # 659 validation texts of 3294 make about 659 / 2635 x 75,000 = 18,757 blocks; auto covers them all,
+    # with room for a split a third longer than its share.
+    evals = evaluations(5860, 500)
+    assert evals == 13
+    for valid in (18_757, 25_000):
+        assert t.eval_blocks_for(valid, 5860 * 128, evals) == valid
+    # 50 GB of text: 160M training blocks of 64 in one epoch, 40M validation blocks, batches of 512,
+    # evaluations every 500 steps: each covers 128K blocks (not 40M), all of them half of what is trained.
+    steps = 160_000_000 // 512
+    evals = evaluations(steps, 500)
+    per_eval = t.eval_blocks_for(40_000_000, 160_000_000, evals)
+    assert per_eval == 127_796 and abs(per_eval * evals / 160_000_000 - 0.5) < 1e-3
+    assert t.eval_blocks_for(10_000, 100, 2) == 256  # at least 256 blocks for a meaningful mean ...
+    assert t.eval_blocks_for(100, 100, 2) == 100  # ... and never more than there are
+    set_to = lambda v: spec_lib.TrainSpec(eval_blocks=v)  # noqa: E731
+    assert set_to(0).eval_blocks_for(5000, 10**6, 3) == 5000 and set_to(40).eval_blocks_for(5000, 10**6, 3) == 40
+    for bad in (-1, "many", 1.5):
+        with pytest.raises(Exception, match="eval_blocks"):
+            spec_lib.from_dict({"name": "x", "output_dir": "/o", "data": {"database": "d", "table": "t"},
+                                "model": {"path": "m"}, "train": {"eval_blocks": bad}})
+
+
+def test_the_eval_subset_is_fixed_by_the_seed():
+    from job.data.schedule import eval_subset
+
+    a = eval_subset(10_000, 300, seed=42)
+    assert len(a) == len(set(a.tolist())) == 300 and a.tolist() == sorted(a.tolist()) and a.max() < 10_000
+    assert np.array_equal(a, eval_subset(10_000, 300, seed=42))  # every evaluation, every attempt
+    assert not np.array_equal(a, eval_subset(10_000, 300, seed=43))
+    assert a.max() > 5_000 and a.tolist() != list(range(a.min(), a.min() + 300))  # drawn, not a run of blocks
+    assert eval_subset(50, 300, seed=42).tolist() == list(range(50))

@@ -297,6 +297,38 @@ def test_make_plan_steps_from_a_manifest():
     assert p.steps.tokens_per_step == 8192 and p.data.documents == {"train": 2635, "valid": 659}
 
 
+def test_the_plan_evaluates_a_subset_of_a_big_split_and_says_its_share_of_the_run():
+    """The original settings evaluate all 18,000 validation blocks; 50 GB of text (valid_fraction 0.2)
+    would evaluate 40M blocks 626 times without train.eval_blocks: auto keeps each evaluation at
+    128K blocks, a small share of the run. A corpus not prepared yet: prepare's time and its peak on the
+    volume (text and tokens twice, while the shards are copied) are in the plan."""
+    spec = spec_lib.load(ROOT / "examples" / "wikibooks-ru.yaml")
+    manifest = {"block_size": 64, "rows_read": 3300, "tokenizer": {"vocab_size": 50264},
+                "splits": {"train": {"documents": 2635, "tokens": 4_800_600, "blocks": 75_009, "shards": []},
+                           "valid": {"documents": 659, "tokens": 1_152_000, "blocks": 18_000, "shards": []}}}
+    p = make_plan(plan.RUGPT3SMALL, spec, manifest, free_bytes=10**12)
+    assert p.time.eval_blocks == 18_000 and p.time.full_eval_blocks == 0
+    assert "eval     13 evaluations x 18,000 of 18,000 validation blocks" in p.to_text()
+
+    spec.train.epochs, spec.train.global_batch = 1, 512
+    big = plan.DataFigures("estimate from 2,000 sampled rows", 64, 40_000_000, {"train": 40_000_000, "valid": 10_000_000},
+                           {"train": 10_240_000_000, "valid": 2_560_000_000}, {"train": 160_000_000, "valid": 40_000_000},
+                           50 * 10**9, 25 * 10**9)
+    p = make_plan(plan.RUGPT3SMALL, spec, data=big, free_bytes=10**12)
+    assert p.steps.evaluations == 626 and p.time.eval_blocks == 127_796
+    assert 0.05 < p.time.eval_share < 0.2, p.time.eval_share
+    everything = plan.time_plan(p.model, p.steps, 40_000_000, p.checkpoint.total, p.export_bytes, device="cuda",
+                                world=p.world)
+    assert everything.eval_s > 50 * p.time.eval_s  # what evaluating every block would have cost
+    assert p.time.prepare_s > 0 and "+ prepare" in p.to_text()
+    assert p.volume.need_bytes == big.prepare_peak_bytes == 2 * big.data_bytes  # 150 GB while preparing
+    assert "preparing the data needs 150.00 GB for a while" in p.volume.message
+    spec.train.final_eval = "full"
+    full = make_plan(plan.RUGPT3SMALL, spec, data=big, free_bytes=10**12)
+    assert full.time.full_eval_blocks == 40_000_000 and full.time.eval_s > p.time.eval_s
+    assert "+ one pass over all 40,000,000" in full.to_text()
+
+
 # ------------------------------------------------------------------ exact state bytes: arithmetic
 
 

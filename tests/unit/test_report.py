@@ -202,3 +202,16 @@ def test_report_written_before_the_run_is_marked_done_says_finished(finished_run
     text = write_report(finished_run).read_text(encoding="utf-8")
     assert text.startswith("# demo: finished training, generating samples\n")
     assert "| prompt | before | after |" in text and "| женщина | женщина qz xv | - |" in text
+
+
+def test_report_of_an_evaluation_subset_and_a_final_full_pass(finished_run):
+    """train.eval_blocks: the report says the subset; train.final_eval: full: its own row, not plotted."""
+    write_jsonl(finished_run.evals, [
+        {"step": 0, "loss": 3.5, "perplexity": 33.12, "blocks": 512, "valid_blocks": 4689, "tokens": 0},
+        {"step": 100, "loss": 2.5123, "perplexity": 12.33, "blocks": 512, "valid_blocks": 4689, "tokens": 102400},
+        {"step": 100, "loss": 2.6, "perplexity": 13.46, "blocks": 4689, "valid_blocks": 4689, "tokens": 102400,
+         "full": True}])
+    text = write_report(finished_run).read_text(encoding="utf-8")
+    assert "Mean loss over the same 512 of the 4,689 validation blocks at every evaluation" in text
+    assert "| after training | 100 | 2.5123 | 12.33 |" in text and "| all 4,689 blocks | 100 | 2.6000 | 13.46 |" in text
+    assert loss_series(finished_run)["valid"] == ([0, 100], [3.5, 2.5123])

@@ -132,7 +132,7 @@ def demo_spec(demo_assets) -> dict:
 # runs alone at the end. Seconds each file took with three workers on 2 cores, measured; unlisted files
 # are short. (`make test` passes --no-loadscope-reorder: xdist would otherwise order files by their number
 # of tests, which put the two longest files, of one and two tests, last.)
-LONG_FILES = {"test_world_size.py": 265, "test_stops.py": 240, "test_resume.py": 212, "test_integrity.py": 200,
+LONG_FILES = {"test_families.py": 330, "test_smoke.py": 150, "test_world_size.py": 265, "test_stops.py": 240, "test_resume.py": 212, "test_integrity.py": 200,
               "test_one_writer.py": 190, "test_slurm.py": 150, "test_e2e.py": 150, "test_multinode.py": 122,
               "test_plan_real.py": 85, "test_k8s.py": 70, "test_prepare_scale.py": 40, "test_bench.py": 35}
 

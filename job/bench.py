@@ -324,7 +324,8 @@ def data_prepare_variant(database: str, table: str, tokenizer: str, workers: int
     with tempfile.TemporaryDirectory(dir=Path(database).parent) as tmp:
         spec = spec_lib.from_dict({"name": "bench", "output_dir": tmp, "model": {"path": tokenizer},
                                    "data": {"database": database, "table": table, "text_column": "body_text",
-                                            "workers": workers, "shards": shards, "block_size": 64}})
+                                            "workers": workers, "shards": shards, "block_size": 64,
+                                            "join": "newline"}})  # a tokenizer alone: no family to ask
         paths = RunPaths(spec.run_dir)
         paths.root.mkdir(parents=True)
         import transformers  # noqa: F401  (the module import is not data-path work; loading the tokenizer is)
